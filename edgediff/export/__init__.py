@@ -1,0 +1,1 @@
+"""The export stage (needs the `export` extra: torch, diffusers, transformers, onnx)."""

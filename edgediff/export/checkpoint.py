@@ -1,0 +1,158 @@
+"""Reading a diffusers checkpoint folder: what it is (family, preset, schedule) and its components, one at a time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..bundle import Defaults, LatentSpace, SchedulerConfig
+
+PRESETS = ("standard", "turbo", "lcm", "lightning")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+class SourceError(Exception):
+    """A source that cannot be exported; the message is one line saying what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A diffusers pipeline folder, read but not yet loaded: configs only, so nothing big sits in memory."""
+
+    root: Path
+    index: dict
+    unet_config: dict
+    vae_config: dict
+    text_config: dict
+    scheduler_config: dict
+
+    @classmethod
+    def open(cls, src: str | Path) -> Checkpoint:
+        root = Path(src)
+        if not root.exists():
+            raise SourceError(f"{src}: no such folder (a diffusers pipeline folder is expected)")
+        if not (root / "model_index.json").is_file():
+            raise SourceError(
+                f"{src}: not a diffusers pipeline folder (no model_index.json); "
+                "save one with `pipeline.save_pretrained(DIR)`"
+            )
+
+        def config(sub: str, name: str = "config.json") -> dict:
+            path = root / sub / name
+            if not path.is_file():
+                raise SourceError(f"{src}: incomplete diffusers pipeline ({sub}/{name} is missing)")
+            return json.loads(path.read_text())
+
+        return cls(
+            root=root,
+            index=json.loads((root / "model_index.json").read_text()),
+            unet_config=config("unet"),
+            vae_config=config("vae"),
+            text_config=config("text_encoder"),
+            scheduler_config=config("scheduler", "scheduler_config.json"),
+        )
+
+    # --- what the checkpoint is -------------------------------------------------------------------------------
+
+    @property
+    def family(self) -> str:
+        if self.unet_config.get("addition_embed_type") == "text_time":
+            raise SourceError(f"{self.root}: SDXL-family checkpoints are not supported by this version of edgediff")
+        # SD 2.x conditions on OpenCLIP-H (gelu, 1024 wide); SD 1.x on CLIP-L (quick_gelu, 768 wide).
+        if self.unet_config.get("cross_attention_dim") == 1024 or self.text_config.get("hidden_act") == "gelu":
+            return "sd2"
+        return "sd1"
+
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        return self.unet_config.get("time_cond_proj_dim")
+
+    def preset(self, requested: str | None) -> str:
+        if requested is not None:
+            if requested not in PRESETS:
+                raise SourceError(f"unknown preset {requested!r}; choose one of {', '.join(PRESETS)}")
+            return requested
+        if self.guidance_embedding_dim or self.scheduler_config.get("_class_name") == "LCMScheduler":
+            return "lcm"
+        return "standard"
+
+    def scheduler(self, preset: str) -> tuple[SchedulerConfig, str]:
+        """The training schedule with every default filled in (via diffusers' own class), and the prediction type."""
+        import diffusers
+
+        raw = self.scheduler_config
+        cls = getattr(diffusers, raw.get("_class_name", ""), None) or diffusers.EulerDiscreteScheduler
+        full = dict(cls.from_config(raw).config)
+        spacing = full.get("timestep_spacing", "leading")
+        if preset in ("turbo", "lightning"):
+            spacing = "trailing"  # the distillation recipe samples from the last training timestep
+        betas = full.get("trained_betas")
+        config = SchedulerConfig(
+            num_train_timesteps=int(full.get("num_train_timesteps", 1000)),
+            beta_start=float(full.get("beta_start", 0.00085)),
+            beta_end=float(full.get("beta_end", 0.012)),
+            beta_schedule=full.get("beta_schedule", "scaled_linear"),
+            trained_betas=tuple(float(b) for b in betas) if betas is not None else None,
+            timestep_spacing=spacing,
+            steps_offset=int(full.get("steps_offset", 0)),
+            rescale_betas_zero_snr=bool(full.get("rescale_betas_zero_snr", False)),
+            original_inference_steps=int(full.get("original_inference_steps", 50)),
+            timestep_scaling=float(full.get("timestep_scaling", 10.0)),
+            source_class=raw.get("_class_name", ""),
+        )
+        return config, full.get("prediction_type", "epsilon")
+
+    @property
+    def latent(self) -> LatentSpace:
+        vae = self.vae_config
+        return LatentSpace(
+            channels=int(vae.get("latent_channels", 4)),
+            downscale=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+            shift_factor=float(vae.get("shift_factor") or 0.0),
+        )
+
+    @property
+    def size_multiple(self) -> int:
+        # Each U-Net down block but the last halves the latent; the traced graph fixes the upsampling sizes
+        # for latents that divide evenly, so the image side must be a multiple of downscale * 2**downsamples.
+        downsamples = len(self.unet_config.get("down_block_types", ())) - 1
+        return self.latent.downscale * 2**downsamples
+
+    def defaults(self, preset: str) -> Defaults:
+        side = int(self.unet_config.get("sample_size", 64)) * self.latent.downscale
+        if preset == "turbo":
+            return Defaults("euler_a", 1, 0.0, side, side)
+        if preset == "lightning":
+            return Defaults("euler", 4, 0.0, side, side)
+        if preset == "lcm":
+            # With a guidance embedding the U-Net is told w directly (8 is LCM-Dreamshaper's default);
+            # an LCM-LoRA U-Net without one runs plain, unguided.
+            return Defaults("lcm", 4, 8.0 if self.guidance_embedding_dim else 1.0, side, side)
+        return Defaults("euler", 20, 7.5, side, side)
+
+    def tokenizer_files(self) -> list[Path]:
+        folder = self.root / "tokenizer"
+        files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+        has_model = any(f.name in ("tokenizer.json", "vocab.json") for f in files)
+        if not has_model:
+            raise SourceError(f"{self.root}: no tokenizer (tokenizer/tokenizer.json or tokenizer/vocab.json + merges.txt)")
+        return files
+
+    # --- loading components, one at a time -----------------------------------------------------------------
+
+    def load(self, name: str):
+        """Load one torch component in float32; the caller frees it before loading the next."""
+        import torch
+
+        library, cls_name = self.index[name][:2]
+        module = __import__(library)
+        cls = getattr(module, cls_name)
+        return cls.from_pretrained(self.root / name, torch_dtype=torch.float32).eval()

@@ -1,0 +1,137 @@
+"""torch -> ONNX for one component, then the parity gate: ONNX Runtime against PyTorch on the same inputs.
+
+The TorchScript exporter is used (as Optimum does): it traces a full-size U-Net in seconds where the torch.export
+path takes minutes and more memory, and its dynamic axes are proven by the gate, which runs a second input shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from .specs import ComponentSpec
+
+DEFAULT_OPSET = 17
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with room for the graph itself
+DATA_SUFFIX = ".data"
+
+
+class ParityError(RuntimeError):
+    """An exported component does not reproduce PyTorch within its tolerance."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Max abs error allowed, relative to the reference's largest magnitude (floored at 1)."""
+
+    relative: float
+
+    def limit(self, reference_max: float) -> float:
+        return self.relative * max(1.0, reference_max)
+
+
+FP32_TOLERANCE = Tolerance(relative=2e-3)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    # The TorchScript exporter warns about every traced Python bool; the gate, not the warnings, decides.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger = logging.getLogger("torch.onnx")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def export_component(
+    module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, int], path: Path, *, opset: int = DEFAULT_OPSET
+) -> list[Path]:
+    """Export `module` to `path` (model.onnx); weights go to one `model.onnx.data` beside it past 2 GiB.
+
+    Returns the files written."""
+    wrapped = spec.wrap(module).eval()
+    feeds = spec.sample(dims, torch.Generator().manual_seed(0))
+    args = tuple(feeds[t.name] for t in spec.inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as scratch:
+        traced = Path(scratch) / "model.onnx"
+        with _quiet_exporter(), torch.no_grad():
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(traced),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=spec.dynamic_axes(),
+                do_constant_folding=True,
+            )
+        del wrapped, args, feeds
+        gc.collect()
+        model = onnx.load(str(traced))  # also pulls in the per-tensor files the exporter writes for big models
+        weights = sum(t.ByteSize() for t in model.graph.initializer)
+        external = weights > EXTERNAL_DATA_THRESHOLD
+        data_name = path.name + DATA_SUFFIX
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        del model
+        gc.collect()
+    return [path, path.with_name(data_name)] if external else [path]
+
+
+def check_parity(
+    module: torch.nn.Module,
+    spec: ComponentSpec,
+    path: Path,
+    dims_list: list[dict[str, int]],
+    tolerance: Tolerance = FP32_TOLERANCE,
+) -> dict:
+    """Run the ONNX file and the torch module on the same inputs at each shape; raise ParityError past tolerance.
+
+    Returns what the manifest records: the worst error, the limit it was held to, and the shapes tried."""
+    wrapped = spec.wrap(module).eval()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    worst = {"max_abs_err": 0.0, "limit": 0.0, "output": None}
+    for k, dims in enumerate(dims_list):
+        feeds = spec.sample(dims, torch.Generator().manual_seed(100 + k))
+        with torch.no_grad():
+            expected = wrapped(*(feeds[t.name] for t in spec.inputs))
+        got = session.run([t.name for t in spec.outputs], {n: v.numpy() for n, v in feeds.items()})
+        for out, ref, g in zip(spec.outputs, expected, got):
+            ref = ref.float().numpy()
+            if ref.shape != g.shape:
+                raise ParityError(f"{spec.name}.{out.name}: ONNX shape {g.shape} != PyTorch {ref.shape} at {dims}")
+            err = float(np.max(np.abs(ref - g.astype(np.float32))))
+            limit = tolerance.limit(float(np.max(np.abs(ref))))
+            if not err <= limit:
+                raise ParityError(
+                    f"{spec.name}.{out.name}: ONNX Runtime differs from PyTorch by {err:.3g} "
+                    f"(limit {limit:.3g}) at {dims}; the export is wrong, not written"
+                )
+            if err / limit >= worst["max_abs_err"] / max(worst["limit"], 1e-30):
+                worst = {"max_abs_err": err, "limit": limit, "output": out.name}
+    del session
+    return {**worst, "relative_tolerance": tolerance.relative, "shapes": dims_list}

@@ -1,0 +1,1 @@
+"""The runtime: NumPy, ONNX Runtime, tokenizers and Pillow. It never imports torch, diffusers or transformers."""

@@ -1,0 +1,52 @@
+"""Between arrays and pictures: decoded samples -> PIL, init images -> VAE input, PNGs with their parameters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+
+class ImageInputError(ValueError):
+    """An init image that cannot be used."""
+
+
+def decoded_to_unit(sample: np.ndarray) -> np.ndarray:
+    """VAE output (N, 3, H, W) in about -1..1 -> (N, H, W, 3) float32 in 0..1, as diffusers post-processes."""
+    return np.clip(sample / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32, copy=False)
+
+
+def unit_to_pil(images: np.ndarray) -> list[Image.Image]:
+    return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """An init image from a path, a PIL image or an (H, W, 3) array in 0..1; ImageInputError if unreadable."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] != 3:
+            raise ImageInputError(f"init image array has shape {source.shape}; expected (H, W, 3) in 0..1")
+        return unit_to_pil(source[None].astype(np.float32))[0]
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ImageInputError(f"{source}: cannot read the init image ({e})") from None
+
+
+def pil_to_vae_input(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """An RGB image resized to the render size -> (1, 3, H, W) float32 in -1..1 (diffusers' preprocessing)."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    return (arr * 2 - 1).transpose(2, 0, 1)[None].copy()
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+    """Write a PNG carrying the generation parameters in a `parameters` text chunk (as A1111-style tools read)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(Path(path), format="PNG", pnginfo=info)

@@ -1,0 +1,258 @@
+"""Pipeline: tokenize -> encode -> sample -> decode, text-to-image and image-to-image, on a bundle's sessions.
+
+Call conventions follow diffusers' StableDiffusionPipeline so that its users feel at home, and the numerics follow
+it too (same weights and initial noise give the same image): CFG batches [uncond, cond], the prompt's embeddings are
+repeated per image, latents are scaled by the schedule's initial noise sigma, decoding divides by the VAE's scaling
+factor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..bundle import BundleError, Manifest, load_manifest
+from . import schedules
+from .denoise import Conditioning, guidance_embedding, make_denoiser
+from .images import decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
+from .noise import make_noise
+from .samplers import get_sampler
+from .sessions import OrtSession
+from .tokenizers import ClipTokenizer
+
+
+class RenderError(ValueError):
+    """Render arguments the model cannot take; the message says what is wrong and what would do."""
+
+
+@dataclass
+class PipelineOutput:
+    images: list | np.ndarray  # PIL images, or (N, H, W, 3) float32 in 0..1 with output_type="np"
+    timings: dict[str, float | list[float]]  # seconds per stage
+    warnings: list[str] = field(default_factory=list)  # truncated prompts, unknown words
+    interrupted: bool = False  # a callback stopped the render early
+
+
+class Timer:
+    def __init__(self):
+        self.timings: dict[str, float | list[float]] = {"steps": []}
+        self._start = time.perf_counter()
+
+    def stage(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        if name == "steps":
+            self.timings["steps"].append(now - since)
+        else:
+            self.timings[name] = self.timings.get(name, 0.0) + now - since
+        return now
+
+    def total(self) -> dict:
+        self.timings["total"] = time.perf_counter() - self._start
+        return self.timings
+
+
+def _as_list(prompt: str | list[str] | None, n: int | None = None) -> list[str]:
+    if prompt is None:
+        return [""] * (n or 1)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if n is not None and len(prompts) == 1 and n > 1:
+        prompts = prompts * n
+    if n is not None and len(prompts) != n:
+        raise RenderError(f"{len(prompts)} negative prompts for {n} prompts; give one, or one per prompt")
+    return prompts
+
+
+class Pipeline:
+    """A loaded bundle, ready to render. Use `Pipeline.load(path)`."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, backend: str = "cpu", threads: int | None = None):
+        self.root = root
+        self.manifest = manifest
+        self.backend = backend
+        self.threads = threads
+        self.tokenizer = ClipTokenizer.from_dir(root / manifest.tokenizer["path"])
+        self._sessions: dict[str, OrtSession] = {}
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            self.session(name)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        backend: str = "cpu",
+        threads: int | None = None,
+        verify: bool = False,
+    ) -> Pipeline:
+        """Load a bundle folder (checks every file's size and fingerprint; `verify` hashes them in full)."""
+        if path is None:
+            raise BundleError("no bundle given; pass the folder an `edgediff export` wrote")
+        root = Path(path)
+        return cls(root, load_manifest(root, verify=verify), backend=backend, threads=threads)
+
+    def session(self, name: str) -> OrtSession:
+        if name not in self._sessions:
+            component = self.manifest.components.get(name)
+            if component is None:
+                raise RenderError(f"this bundle has no {name} (needed for this render); re-export it with one")
+            self._sessions[name] = OrtSession(self.root, name, component, backend=self.backend, threads=self.threads)
+        return self._sessions[name]
+
+    # --- stages -----------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, warnings: list[str], timer: Timer):
+        """Text embeddings for the prompts (and the negatives, in the same encoder call)."""
+        t = time.perf_counter()
+        texts = prompts + (negatives or [])
+        batch = self.tokenizer.encode(texts)
+        for text, dropped in zip(texts, batch.dropped):
+            if dropped:
+                warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens; dropped: {dropped!r}")
+        for text in texts:
+            unknown = self.tokenizer.unknown_words(text)
+            if unknown:
+                warnings.append(f"words this model does not know (ignored): {', '.join(unknown)}")
+        t = timer.stage("tokenize", t)
+        hidden = self.session("text_encoder")(input_ids=batch.input_ids)["last_hidden_state"]
+        timer.stage("text_encoder", t)
+        n = len(prompts)
+        return hidden[:n], (hidden[n:] if negatives is not None else None)
+
+    def encode_image(self, image, width: int, height: int, noise) -> np.ndarray:
+        """Init image -> latents, sampled from the VAE's posterior with the render's own noise stream."""
+        pixels = pil_to_vae_input(load_image(image), width, height)
+        moments = self.session("vae_encoder")(sample=pixels)["latent_parameters"]
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        latents = mean + std * noise(mean.shape)
+        return ((latents - self.manifest.latent.shift_factor) * self.manifest.latent.scaling_factor).astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        lat = self.manifest.latent
+        z = (latents / np.float32(lat.scaling_factor) + np.float32(lat.shift_factor)).astype(np.float32)
+        return decoded_to_unit(self.session("vae_decoder")(latent_sample=z)["sample"])
+
+    def schedule(self, sampler: str, steps: int, strength: float = 1.0) -> schedules.Schedule:
+        cfg = self.manifest.scheduler
+        if sampler == "lcm":
+            return schedules.lcm(cfg, steps, strength)
+        return schedules.discrete(cfg, steps)
+
+    # --- the render -------------------------------------------------------------------------------------------
+
+    def _check(self, steps: int, height: int, width: int, strength: float, image) -> None:
+        m = self.manifest.size_multiple
+        if steps < 1:
+            raise RenderError(f"steps must be at least 1, got {steps}")
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise RenderError(f"size {width}x{height} is not a multiple of {m} pixels, which this model needs")
+        if image is not None and not 0.0 < strength <= 1.0:
+            raise RenderError(f"strength must be in (0, 1], got {strength}")
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = 0,
+        latents: np.ndarray | None = None,
+        sampler: str | None = None,
+        image=None,
+        strength: float = 0.8,
+        callback: Callable[[int, int, np.ndarray], bool | None] | None = None,
+        output_type: str = "pil",
+        noise: str = "torch",
+    ) -> PipelineOutput:
+        timer = Timer()
+        d = self.manifest.defaults
+        steps = d.steps if num_inference_steps is None else int(num_inference_steps)
+        guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        sampler = sampler or d.sampler
+        sample_fn = _lookup(get_sampler, sampler)
+        init_image = load_image(image) if image is not None else None
+        if init_image is not None and height is None and width is None:
+            m = self.manifest.size_multiple
+            width, height = (init_image.width // m) * m, (init_image.height // m) * m
+        height, width = height or d.height, width or d.width
+        self._check(steps, height, width, strength, init_image)
+        if output_type not in ("pil", "np"):
+            raise RenderError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+        prompts = _as_list(prompt)
+        embedding_dim = self.manifest.guidance_embedding_dim
+        cfg = guidance > 1.0 and not embedding_dim
+        negatives = _as_list(negative_prompt, len(prompts)) if cfg else None
+        warnings: list[str] = []
+        cond, uncond = self.encode_prompt(prompts, negatives, warnings, timer)
+        t = time.perf_counter()
+        n = num_images_per_prompt
+        cond = np.repeat(cond, n, axis=0)
+        uncond = np.repeat(uncond, n, axis=0) if uncond is not None else None
+        batch = cond.shape[0]
+        timestep_cond = (
+            guidance_embedding(np.full(batch, guidance - 1.0, np.float32), embedding_dim) if embedding_dim else None
+        )
+        conditioning = Conditioning(cond, uncond, guidance, timestep_cond)
+
+        lat = self.manifest.latent
+        shape = (batch, lat.channels, height // lat.downscale, width // lat.downscale)
+        rng = make_noise(seed if seed is not None else int.from_bytes(os.urandom(4), "little"), noise)
+        sched = self.schedule(sampler, steps, strength if init_image is not None else 1.0)
+        if init_image is not None:
+            clean = self.encode_image(init_image, width, height, rng.randn)
+            clean = np.repeat(clean, batch // clean.shape[0], axis=0)
+            t = timer.stage("vae_encoder", t)
+            sched = sched.starting_at(schedules.img2img_start(len(sched), strength))
+            x = clean + _initial_noise(latents, shape, rng) * np.float32(sched.init_noise_sigma)
+        else:
+            x = _initial_noise(latents, shape, rng) * np.float32(sched.init_noise_sigma)
+
+        denoise = make_denoiser(
+            self.session("unet"),
+            conditioning,
+            self.manifest.prediction_type,
+            sched.timestep_for,
+            lcm_timestep_scaling=self.manifest.scheduler.timestep_scaling if sampler == "lcm" else None,
+        )
+        total = len(sched)
+        interrupted = False
+
+        def on_step(i, x_now, x0):
+            nonlocal t, interrupted
+            t = timer.stage("steps", t)
+            if callback is not None and callback(i, total, x_now) is False:
+                interrupted = True
+                return False
+            return None
+
+        x = sample_fn(denoise, x.astype(np.float32), sched.sigmas, noise=rng.randn, callback=on_step)
+        t = time.perf_counter()
+        images = self.decode(x)
+        timer.stage("vae_decoder", t)
+        out = images if output_type == "np" else unit_to_pil(images)
+        return PipelineOutput(out, timer.total(), warnings, interrupted)
+
+
+def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng) -> np.ndarray:
+    if latents is None:
+        return rng.randn(shape)
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.shape != shape:
+        raise RenderError(f"latents have shape {latents.shape}; this render needs {shape}")
+    return latents
+
+
+def _lookup(getter, name):
+    try:
+        return getter(name)
+    except ValueError as e:
+        raise RenderError(str(e)) from None

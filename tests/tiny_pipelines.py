@@ -1,0 +1,110 @@
+"""Tiny random-weight diffusers pipelines of each family, saved as checkpoint folders for export tests.
+
+The architectures are the real ones (CLIP text encoder, conditional U-Net with cross-attention, KL VAE with 8x
+downscale), shrunk to a few hundred kilobytes of weights; the tokenizer is the real CLIP BPE from shared data.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-tokenizer"
+
+FAMILIES = {
+    # name: (prediction type, scheduler class, timestep spacing, text activation, linear projection, LCM cond dim)
+    "sd1": ("epsilon", "PNDMScheduler", "leading", "quick_gelu", False, None),
+    "sd2": ("v_prediction", "EulerDiscreteScheduler", "linspace", "gelu", True, None),
+    "lcm": ("epsilon", "LCMScheduler", "leading", "quick_gelu", False, 32),
+}
+
+
+def build(family: str, out: Path, seed: int = 0) -> Path:
+    """Build and save a tiny `family` pipeline into `out`; returns `out`."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    prediction, scheduler_cls, spacing, act, linear, cond_dim = FAMILIES[family]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        use_linear_projection=linear,
+        time_cond_proj_dim=cond_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act=act,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407 if family != "sd2" else 0,
+        )
+    )
+    # Real checkpoints' U-Nets and VAEs are not at initialisation: perturb the zero-initialised layers (e.g. the
+    # U-Net's conv_out) so that every path, text conditioning included, reaches the image.
+    with torch.no_grad():
+        for module in (unet, vae):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    scheduler = getattr(diffusers, scheduler_cls)(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction,
+        timestep_spacing=spacing,
+        steps_offset=1,
+        **({"skip_prk_steps": True} if scheduler_cls == "PNDMScheduler" else {}),
+    )
+    tok_dir = out / "_tok"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(CLIP_TOKENIZER / name, tok_dir / name)
+    # CLIPTokenizer(vocab_file, merges_file) ignores both files in transformers 5; from_pretrained reads them.
+    tokenizer = CLIPTokenizer.from_pretrained(
+        tok_dir, model_max_length=77, **({"pad_token": "!"} if family == "sd2" else {})
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    if family == "sd1":
+        # Checkpoints carry their tokenizer as tokenizer.json or as vocab.json + merges.txt: cover the second form.
+        (out / "tokenizer" / "tokenizer.json").unlink()
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
+    shutil.rmtree(tok_dir)
+    return out
