@@ -11,6 +11,30 @@ from pathlib import Path
 
 CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-tokenizer"
 
+
+def _byte_level_clip_vocab(folder: Path) -> None:
+    """A minimal CLIP-format BPE (every byte alone and word-final, no merges) for machines without shared data."""
+    import json
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def write_clip_tokenizer_files(folder: Path) -> int:
+    """vocab.json + merges.txt into `folder`: the real CLIP BPE where shared data has it. Returns the vocab size."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if (CLIP_TOKENIZER / "vocab.json").is_file():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(CLIP_TOKENIZER / name, folder / name)
+    else:
+        _byte_level_clip_vocab(folder)
+    return len(json.loads((folder / "vocab.json").read_text()))
+
 FAMILIES = {
     # name: (prediction type, scheduler class, timestep spacing, text activation, linear projection, LCM cond dim)
     "sd1": ("epsilon", "PNDMScheduler", "leading", "quick_gelu", False, None),
@@ -53,18 +77,20 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
         norm_num_groups=4,
         sample_size=64,
     )
+    tok_dir = out / "_tok"
+    vocab_size = write_clip_tokenizer_files(tok_dir)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408,
+            vocab_size=vocab_size,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act=act,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407 if family != "sd2" else 0,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
         )
     )
     # Real checkpoints' U-Nets and VAEs are not at initialisation: perturb the zero-initialised layers (e.g. the
@@ -82,10 +108,6 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
         steps_offset=1,
         **({"skip_prk_steps": True} if scheduler_cls == "PNDMScheduler" else {}),
     )
-    tok_dir = out / "_tok"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(CLIP_TOKENIZER / name, tok_dir / name)
     # CLIPTokenizer(vocab_file, merges_file) ignores both files in transformers 5; from_pretrained reads them.
     tokenizer = CLIPTokenizer.from_pretrained(
         tok_dir, model_max_length=77, **({"pad_token": "!"} if family == "sd2" else {})

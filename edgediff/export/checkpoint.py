@@ -151,7 +151,11 @@ class Checkpoint:
     def load(self, name: str):
         """Load one torch component in float32; the caller frees it before loading the next."""
         import torch
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
+        diffusers_logging.disable_progress_bar()  # the export shows its own progress
+        transformers_logging.disable_progress_bar()
         library, cls_name = self.index[name][:2]
         module = __import__(library)
         cls = getattr(module, cls_name)

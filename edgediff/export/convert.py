@@ -59,7 +59,7 @@ def export_bundle(
     preset: str | None = None,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,  # called with each component's name once it is proven
 ) -> Manifest:
     """Export every component of `src`, prove each against PyTorch, and write the bundle to `out`.
 
@@ -82,8 +82,6 @@ def export_bundle(
     try:
         components = {}
         for name, (source, make_spec) in COMPONENTS.items():
-            if progress:
-                progress(name)
             module = ck.load(source)
             spec = make_spec(module)
             path = tmp / name / "model.onnx"
@@ -99,6 +97,8 @@ def export_bundle(
                 files=tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written),
                 parity=parity,
             )
+            if progress:
+                progress(name)
         (tmp / "tokenizer").mkdir()
         for f in tokenizer_files:
             shutil.copyfile(f, tmp / "tokenizer" / f.name)

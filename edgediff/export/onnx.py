@@ -105,11 +105,12 @@ def check_parity(
     spec: ComponentSpec,
     path: Path,
     dims_list: list[dict[str, int]],
-    tolerance: Tolerance = FP32_TOLERANCE,
+    tolerance: Tolerance | None = None,
 ) -> dict:
     """Run the ONNX file and the torch module on the same inputs at each shape; raise ParityError past tolerance.
 
     Returns what the manifest records: the worst error, the limit it was held to, and the shapes tried."""
+    tolerance = tolerance or FP32_TOLERANCE
     wrapped = spec.wrap(module).eval()
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -32,7 +32,7 @@ _PALETTE_NAMES = tuple(COLOURS)
 CHROMA_FLOOR = 24.0  # below this a pixel is background whatever the image: grey noise and tints stay under it
 BLOB_FRACTION = 0.25  # a pixel belongs to a blob above this fraction of the image's peak chroma...
 MIN_PEAK_CHROMA = 40.0  # ...and a blob is an object only if its own colour is at least this strong
-MIN_AREA_FRACTION = 0.015  # specks under this share of the image (15 px at 32x32; the smallest object is 40) are noise
+MIN_AREA_FRACTION = 0.015  # specks under this share of the image are noise (15 px at 32x32; objects are 40+)
 SPLIT_SHARE = 0.75  # a blob is two objects only if its second hue holds over 1 - this of its colour...
 SPLIT_ANGLE_DEGREES = 35.0  # ...and the two hues' means lie this far apart (palette hues are ~60 apart)
 MERGE_DISTANCE = 2  # same-colour fragments at most this many pixels apart (Chebyshev) are one object
@@ -73,7 +73,7 @@ _PALETTE_DIRECTIONS /= np.linalg.norm(_PALETTE_DIRECTIONS, axis=1, keepdims=True
 
 
 def _as_rgb(image: np.ndarray | Image.Image) -> np.ndarray:
-    """float32 [H, W, 3] on the 0-255 scale; uint8 arrays and PIL images as they are, float arrays in [0, 1]."""
+    """float32 [H, W, 3] on the 0-255 scale; uint8 arrays and PIL images as is, float arrays from [0, 1]."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), np.float32)
     array = np.asarray(image)
@@ -297,5 +297,5 @@ def check_detections(detections: list[Detection], scene: Scene) -> Verdict:
 
 
 def check(image: np.ndarray | Image.Image, scene: Scene) -> Verdict:
-    """Whether an image shows exactly the scene: its objects with their colours and shapes, and its relation."""
+    """Whether an image shows exactly the scene: its objects, their colours and shapes, and the relation."""
     return check_detections(detect(image), scene)

@@ -250,7 +250,7 @@ def caption_for(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def split_caption(text: str) -> list[str]:
-    """The tokens of a caption: lowercase words and ","; every one of them is in VOCABULARY for our captions."""
+    """A caption's tokens: lowercase words and ","; for captions of the grammar, all are in VOCABULARY."""
     return re.findall(r"[a-z]+|,", text.lower())
 
 
@@ -278,13 +278,17 @@ def _object_pattern(tag: str) -> str:
 
 _ONE_OBJECT_PATTERNS = (
     re.compile(_PREFIX_PATTERN + _object_pattern("0")),
-    re.compile(_PREFIX_PATTERN + rf"(?:(?:a|one) )?(?P<s0>{_SHAPE_PATTERN}) that is (?P<c0>{_COLOUR_PATTERN})"),
+    re.compile(
+        _PREFIX_PATTERN + rf"(?:(?:a|one) )?(?P<s0>{_SHAPE_PATTERN}) that is (?P<c0>{_COLOUR_PATTERN})"
+    ),
 )
 _TWO_OBJECT_PATTERNS = tuple(
     (
         re.compile(
             _PREFIX_PATTERN
-            + re.escape(template).replace(r"\{x\}", _object_pattern("0")).replace(r"\{y\}", _object_pattern("1"))
+            + re.escape(template)
+            .replace(r"\{x\}", _object_pattern("0"))
+            .replace(r"\{y\}", _object_pattern("1"))
         ),
         relation,
     )

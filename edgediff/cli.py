@@ -1,0 +1,205 @@
+"""The `edgediff` command: render, export, info. Thin: parse, call the library, show progress.
+
+Bad input (a missing bundle, a size the model cannot take, an unreadable image…) gets one line on stderr and exit
+code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+USAGE_ERROR = 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .bundle import BundleError
+    from .runtime.images import ImageInputError
+    from .runtime.pipeline import RenderError
+    from .runtime.sessions import FeedError
+
+    return BundleError, RenderError, ImageInputError, FeedError
+
+
+@contextmanager
+def _one_line_errors(*extra: type[Exception]):
+    """Turn the library's user-facing errors into `error: …` and exit code 2; anything else is a bug and keeps
+    its traceback."""
+    try:
+        yield
+    except (*_user_errors(), *extra) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(USAGE_ERROR)
+
+
+def _parse_size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    return w, h
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgediff")
+def main():
+    """edgediff: fast text-to-image diffusion on ONNX Runtime, no PyTorch at run time.
+
+    Export a diffusers checkpoint once (`edgediff export`), then render from the bundle (`edgediff render`)."""
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), help="Bundle folder written by `edgediff export`.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
+              help="PNG to write; with several images, NAME-1.png, NAME-2.png, …")
+@click.option("--steps", type=int, help="Denoising steps [default: the bundle's, e.g. 1 for Turbo, 4 for LCM].")
+@click.option("--guidance", type=float, help="Guidance scale; ≤ 1 turns classifier-free guidance off [default: the bundle's].")
+@click.option("--negative", default=None, help="Negative prompt: what the image should not show.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; matches diffusers' torch CPU generator.")
+@click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT in pixels [default: the bundle's].")
+@click.option("--sampler", help="euler, euler_a or lcm [default: the bundle's].")
+@click.option("--num-images", type=int, default=1, show_default=True, help="Images to render for the prompt.")
+@click.option("--image", "init_image", type=click.Path(path_type=Path), help="Init image for image-to-image.")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="Image-to-image: how much of the init image to repaint (0..1].")
+@click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
+@click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
+def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
+           backend, threads):
+    """Render PROMPT to a PNG that carries its generation parameters."""
+    from tqdm import tqdm
+
+    from .runtime.images import save_png
+    from .runtime.pipeline import Pipeline
+
+    with _one_line_errors():
+        if bundle is None:
+            from .bundle import BundleError
+
+            raise BundleError("no model given; pass -m BUNDLE (a folder written by `edgediff export`)")
+        if num_images < 1:
+            from .runtime.pipeline import RenderError
+
+            raise RenderError(f"--num-images must be at least 1, got {num_images}")
+        pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+        bar = None
+
+        def progress(step, total, latents):
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+            bar.update(1)
+
+        width, height = size if size else (None, None)
+        out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                   height=height, width=width, num_images_per_prompt=num_images, seed=seed, sampler=sampler,
+                   image=init_image, strength=strength, callback=progress)
+        if bar is not None:
+            bar.close()
+    for w in out.warnings:
+        click.echo(f"warning: {w}", err=True)
+    d = pipe.manifest.defaults
+    image = out.images[0]
+    params = _parameters_text(prompt, negative, steps or d.steps, sampler or d.sampler,
+                              d.guidance_scale if guidance is None else guidance, seed, image.size, bundle)
+    paths = [output] if len(out.images) == 1 else [
+        output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
+    ]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for im, path in zip(out.images, paths):
+        save_png(im, path, params)
+        click.echo(str(path))
+    click.echo(f"{out.timings['total']:.2f} s ({len(out.timings['steps'])} steps)", err=True)
+
+
+def _parameters_text(prompt, negative, steps, sampler, guidance, seed, size, bundle) -> str:
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(
+        f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, "
+        f"Model: {Path(bundle).name}, Engine: edgediff {__version__}"
+    )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(["standard", "turbo", "lcm", "lightning"]),
+              help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+def export(src, out, preset, force, opset):
+    """Export the diffusers checkpoint folder SRC to an ONNX bundle OUT.
+
+    Each component is exported, then run on ONNX Runtime against PyTorch on the same inputs; the export fails
+    past the stated tolerance. OUT appears only when everything succeeded."""
+    try:
+        from .export.checkpoint import SourceError
+        from .export.convert import COMPONENTS, export_bundle
+        from .export.onnx import ParityError
+    except ImportError as e:
+        click.echo(f"error: export needs the export extra ({e.name} is missing); pip install 'edgediff[export]'", err=True)
+        sys.exit(USAGE_ERROR)
+    from tqdm import tqdm
+
+    if opset < 17:
+        click.echo(f"error: opset {opset} is too old; use 17 or newer", err=True)
+        sys.exit(USAGE_ERROR)
+    with _one_line_errors(SourceError, ParityError), tqdm(total=len(COMPONENTS), desc="export", unit="component") as bar:
+        def progress(name):
+            bar.set_postfix_str(f"{name} proven")
+            bar.update(1)
+
+        manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, progress=progress)
+    click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Check every file's full sha256 (slow on big bundles).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(bundle, verify, as_json):
+    """Show what BUNDLE is: family, sampling defaults, components and their signatures."""
+    from .bundle import load_manifest
+
+    with _one_line_errors():
+        m = load_manifest(bundle, verify=verify)
+    if as_json:
+        click.echo(json.dumps(m.to_json(), indent=2))
+        return
+    d, s, lat = m.defaults, m.scheduler, m.latent
+    click.echo(f"{bundle}: {m.family}, preset {m.preset}, {m.prediction_type} prediction")
+    click.echo(f"  defaults: {d.sampler}, {d.steps} steps, guidance {d.guidance_scale:g}, {d.width}x{d.height}")
+    click.echo(f"  schedule: {s.beta_schedule} betas {s.beta_start:g}..{s.beta_end:g} over {s.num_train_timesteps}, "
+               f"{s.timestep_spacing} spacing (from {s.source_class or 'unknown'})")
+    click.echo(f"  latents: {lat.channels} channels, 1/{lat.downscale} scale, factor {lat.scaling_factor:g}; "
+               f"sizes in multiples of {m.size_multiple} px")
+    if m.guidance_embedding_dim:
+        click.echo(f"  guidance: LCM embedding ({m.guidance_embedding_dim} dims) instead of CFG")
+    for name, c in m.components.items():
+        size = sum(f.size for f in c.files)
+        ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in c.inputs)
+        outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in c.outputs)
+        err = c.parity.get("max_abs_err")
+        parity = f", parity {err:.2g}" if err is not None else ""
+        click.echo(f"  {name}: {c.precision}, {size / 1e6:.1f} MB{parity}\n    in:  {ins}\n    out: {outs}")
+    p = m.provenance
+    click.echo(f"  made from {p.get('source')} on {p.get('date')}, opset {p.get('opset')}, "
+               f"edgediff {p.get('versions', {}).get('edgediff')}")
+    if verify:
+        click.echo("  verified: every file's sha256 matches")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The command line: export -> info -> render, and one clear line with exit code 2 for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgediff.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def test_export_info_render(checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    r = run("export", checkpoint("sd2"), out, "--preset", "turbo")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preset"] == "turbo" and manifest["prediction_type"] == "v_prediction"
+    assert manifest["defaults"]["steps"] == 1 and manifest["defaults"]["guidance_scale"] == 0.0
+    assert manifest["scheduler"]["timestep_spacing"] == "trailing"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+    r = run("info", out, "--verify")
+    assert r.exit_code == 0, r.output
+    assert "sd2, preset turbo" in r.output and "unet: fp32" in r.output and "verified" in r.output
+
+    png = tmp_path / "img" / "cat.png"
+    r = run("render", "a red cat", "-m", out, "-o", png, "--size", "48x32", "--seed", "7", "--num-images", "2")
+    assert r.exit_code == 0, r.output
+    first, second = (png.with_name(f"cat-{i}.png") for i in (1, 2))
+    with Image.open(first) as im:
+        assert im.size == (48, 32)
+        params = im.text["parameters"]
+    assert params.startswith("a red cat\n") and "Seed: 7" in params and "Sampler: euler_a" in params
+    assert second.is_file()
+
+
+def test_export_refuses_existing_output_without_force(checkpoint, tmp_path):
+    (tmp_path / "bundle").mkdir()
+    r = run("export", checkpoint("sd1"), tmp_path / "bundle")
+    assert r.exit_code == 2 and "already exists" in r.output and "--force" in r.output
+    assert list((tmp_path / "bundle").iterdir()) == []
+
+
+def test_export_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
+    r = run("export", tmp_path, tmp_path / "out")
+    assert r.exit_code == 2 and "model_index.json" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    from edgediff.export import onnx as export_onnx
+
+    monkeypatch.setattr(export_onnx, "FP32_TOLERANCE", export_onnx.Tolerance(relative=0.0))
+    r = run("export", checkpoint("sd1"), tmp_path / "out")
+    assert r.exit_code == 2 and "differs from PyTorch" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _assert_bad(args, message, tmp_path):
+    png = tmp_path / "never.png"
+    r = run(*args, "-o", png) if args[0] == "render" else run(*args)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert "Traceback" not in r.output
+    assert not png.exists()
+
+
+def test_missing_bundle(tmp_path):
+    _assert_bad(("render", "x", "-m", tmp_path / "nope"), "no such bundle folder", tmp_path)
+
+
+def test_folder_without_manifest(tmp_path):
+    _assert_bad(("render", "x", "-m", tmp_path), "not an edgediff bundle", tmp_path)
+
+
+def test_missing_component_file(bundle_copy, tmp_path):
+    b = bundle_copy("sd1")
+    (b / "unet" / "model.onnx").unlink()
+    _assert_bad(("render", "x", "-m", b), "missing bundle file", tmp_path)
+
+
+def test_truncated_component_file(bundle_copy, tmp_path):
+    b = bundle_copy("sd1")
+    path = b / "vae_decoder" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:-100])
+    _assert_bad(("render", "x", "-m", b), "truncated", tmp_path)
+
+
+def test_corrupt_component_file(bundle_copy, tmp_path):
+    b = bundle_copy("sd1")
+    path = b / "text_encoder" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[:64] = bytes(64)
+    path.write_bytes(bytes(data))
+    _assert_bad(("render", "x", "-m", b), "corrupt", tmp_path)
+
+
+def test_verify_finds_corruption_that_the_fingerprint_skips(bundle_copy, tmp_path):
+    b = bundle_copy("sd1")
+    path = b / "unet" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    # a byte between the fingerprint's 16 sampled chunks
+    middle = len(data) // 15 + 4096 + 10
+    data[middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert run("info", b).exit_code == 0
+    _assert_bad(("info", b, "--verify"), "sha256", tmp_path)
+
+
+def test_unknown_manifest_version(bundle_copy, tmp_path):
+    b = bundle_copy("sd1")
+    m = json.loads((b / "manifest.json").read_text())
+    m["format_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    _assert_bad(("render", "x", "-m", b), "format version 99", tmp_path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--size", "40x40"), "not a multiple of 16"),
+    (("--size", "big"), None),
+    (("--steps", "0"), "steps must be at least 1"),
+    (("--sampler", "nope"), "unknown sampler 'nope'"),
+])
+def test_bad_render_arguments(bundle, tmp_path, args, message):
+    if message is None:  # click's own parameter errors also exit 2
+        r = run("render", "x", "-m", bundle("sd1"), *args, "-o", tmp_path / "never.png")
+        assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.output
+        return
+    _assert_bad(("render", "x", "-m", bundle("sd1"), *args), message, tmp_path)
+
+
+def test_unreadable_init_image(bundle, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    _assert_bad(("render", "x", "-m", bundle("sd1"), "--image", bad), "cannot read the init image", tmp_path)
+
+
+def test_image_to_image_from_the_command_line(bundle, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 48, 3)) * 255).astype(np.uint8)).save(init)
+    png = tmp_path / "out.png"
+    r = run("render", "a cat", "-m", bundle("sd1"), "--image", init, "--strength", "0.5", "--steps", "4", "-o", png)
+    assert r.exit_code == 0, r.output
+    with Image.open(png) as im:
+        assert im.size == (48, 64)  # the init image's size

@@ -1,0 +1,103 @@
+"""Same weights, same initial noise -> the same image as diffusers (pixels in 0..1, max abs error <= 2e-3)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from edgediff import Pipeline  # noqa: E402
+
+TOLERANCE = 2e-3
+PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
+NEGATIVES = ["blurry", "low quality, ugly"]
+H, W = 32, 48
+
+
+def _reference(checkpoint, family, scheduler_cls, spacing):
+    cls = diffusers.LatentConsistencyModelPipeline if family == "lcm" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(checkpoint(family), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, scheduler_cls).from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _ours(bundle, family, spacing):
+    pipe = Pipeline.load(bundle(family))
+    # The manifest records the checkpoint's spacing; these cases try the others too.
+    scheduler = dataclasses.replace(pipe.manifest.scheduler, timestep_spacing=spacing)
+    pipe.manifest = dataclasses.replace(pipe.manifest, scheduler=scheduler)
+    return pipe
+
+
+CASES = [
+    # family, diffusers scheduler, spacing, steps, guidance, our sampler
+    ("sd1", "EulerDiscreteScheduler", "leading", 5, 7.5, "euler"),
+    ("sd1", "EulerDiscreteScheduler", "trailing", 3, 7.5, "euler"),
+    ("sd2", "EulerDiscreteScheduler", "linspace", 4, 5.0, "euler"),
+    ("sd2", "EulerDiscreteScheduler", "trailing", 2, 1.0, "euler"),
+    ("sd1", "EulerAncestralDiscreteScheduler", "trailing", 1, 3.0, "euler_a"),
+    ("sd2", "EulerAncestralDiscreteScheduler", "leading", 1, 6.0, "euler_a"),
+    ("lcm", "LCMScheduler", "leading", 1, 8.0, "lcm"),
+]
+
+
+@pytest.mark.parametrize("family,scheduler,spacing,steps,guidance,sampler", CASES)
+def test_text_to_image_matches_diffusers_given_latents(bundle, checkpoint, family, scheduler, spacing, steps, guidance, sampler):
+    latents = torch.randn(len(PROMPTS), 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
+    negative = {} if family == "lcm" else {"negative_prompt": NEGATIVES}
+    ref = _reference(checkpoint, family, scheduler, spacing)(
+        PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=H, width=W, latents=latents,
+        output_type="np", **negative,
+    ).images
+    out = _ours(bundle, family, spacing)(
+        PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=H, width=W, latents=latents.numpy(),
+        sampler=sampler, output_type="np", **negative,
+    )
+    assert out.images.shape == ref.shape
+    assert ref.std() > 0.05  # a real picture, not a saturated flat field that would match anything
+    np.testing.assert_allclose(out.images, ref, atol=TOLERANCE, rtol=0)
+
+
+def test_negative_prompt_and_guidance_change_the_image(bundle):
+    pipe = Pipeline.load(bundle("sd1"))
+    kw = dict(num_inference_steps=2, height=H, width=W, seed=1, output_type="np")
+    base = pipe("a cat", guidance_scale=7.5, **kw).images
+    assert np.abs(base - pipe("a cat", guidance_scale=7.5, negative_prompt="dog", **kw).images).max() > 1e-3
+    assert np.abs(base - pipe("a cat", guidance_scale=1.0, **kw).images).max() > 1e-3
+
+
+def test_multistep_lcm_and_several_images_per_prompt_match_diffusers_by_seed(bundle, checkpoint):
+    ref = _reference(checkpoint, "lcm", "LCMScheduler", "leading")(
+        PROMPTS, num_inference_steps=4, guidance_scale=8.0, height=H, width=W, num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(11), output_type="np",
+    ).images
+    out = Pipeline.load(bundle("lcm"))(
+        PROMPTS, num_inference_steps=4, guidance_scale=8.0, height=H, width=W, num_images_per_prompt=2, seed=11,
+        output_type="np",
+    )
+    assert out.images.shape == (4, H, W, 3)
+    np.testing.assert_allclose(out.images, ref, atol=TOLERANCE, rtol=0)
+
+
+def test_image_to_image_matches_diffusers_by_seed(bundle, checkpoint):
+    rng = np.random.default_rng(0)
+    init = (rng.random((H, W, 3)) * 0.6 + np.linspace(0, 0.4, W)[None, :, None]).astype(np.float32)
+    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        checkpoint("sd1"), safety_checker=None, requires_safety_checker=False
+    )
+    ref_pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref_pipe.scheduler.config)
+    ref_pipe.set_progress_bar_config(disable=True)
+    from PIL import Image
+
+    image = Image.fromarray((init * 255).round().astype(np.uint8))
+    ref = ref_pipe("a red cat", image=image, strength=0.6, num_inference_steps=5, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(4), output_type="np").images
+    out = Pipeline.load(bundle("sd1"))("a red cat", image=image, strength=0.6, num_inference_steps=5,
+                                       guidance_scale=7.5, seed=4, output_type="np")
+    assert len(out.timings["steps"]) == 3  # int(5 * 0.6) steps from the end of the schedule
+    np.testing.assert_allclose(out.images, ref, atol=TOLERANCE, rtol=0)
