@@ -97,7 +97,10 @@ def export_component(
         )
         del model
         gc.collect()
-    return [path, path.with_name(data_name)] if external else [path]
+    written = [path, path.with_name(data_name)] if external else [path]
+    for f in written:
+        f.chmod(0o644)  # onnx writes external data owner-only; a bundle is read by whoever renders
+    return written
 
 
 def check_parity(
