@@ -66,15 +66,23 @@ def main():
 @click.option("--negative", default=None, help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; matches diffusers' torch CPU generator.")
 @click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT in pixels [default: the bundle's].")
-@click.option("--sampler", help="euler, euler_a or lcm [default: the bundle's].")
+@click.option("--sampler", help="euler, euler_a, heun, ddim, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, tcd "
+              "(`edgediff samplers` says what each is) [default: the bundle's].")
+@click.option("--schedule", help="discrete, leading, linspace, trailing, sgm_uniform, karras, exponential, lcm "
+              "[default: the bundle preset's, else the sampler's own].")
+@click.option("--noise", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
+              help="torch: the seed draws what diffusers' torch CPU generator draws (same seed, same image); "
+              "numpy: NumPy's own generator.")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images to render for the prompt.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="Image-to-image: how much of the init image to repaint (0..1].")
 @click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
+@click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
+              help="low: load each component only for its stage, so peak memory is about the largest one.")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
-           backend, threads):
+           backend, threads, memory, schedule, noise):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
@@ -90,7 +98,8 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
             from .runtime.pipeline import RenderError
 
             raise RenderError(f"--num-images must be at least 1, got {num_images}")
-        pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+        _check_sampling_names(sampler, schedule)  # before the (slow) load
+        pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory)
         bar = None
 
         def progress(step, total, latents):
@@ -102,14 +111,15 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         width, height = size if size else (None, None)
         out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                    height=height, width=width, num_images_per_prompt=num_images, seed=seed, sampler=sampler,
-                   image=init_image, strength=strength, callback=progress)
+                   image=init_image, strength=strength, callback=progress, schedule=schedule, noise=noise)
         if bar is not None:
             bar.close()
     for w in out.warnings:
         click.echo(f"warning: {w}", err=True)
     d = pipe.manifest.defaults
     image = out.images[0]
-    params = _parameters_text(prompt, negative, steps or d.steps, sampler or d.sampler,
+    info, schedule = pipe.resolve_sampler(sampler, schedule)
+    params = _parameters_text(prompt, negative, steps or d.steps, sampler or d.sampler, schedule,
                               d.guidance_scale if guidance is None else guidance, seed, image.size, bundle)
     paths = [output] if len(out.images) == 1 else [
         output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
@@ -121,15 +131,51 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     click.echo(f"{out.timings['total']:.2f} s ({len(out.timings['steps'])} steps)", err=True)
 
 
-def _parameters_text(prompt, negative, steps, sampler, guidance, seed, size, bundle) -> str:
+def _check_sampling_names(sampler, schedule) -> None:
+    from .runtime.pipeline import RenderError
+    from .runtime.samplers import resolve
+    from .runtime.schedules import SCHEDULES
+
+    try:
+        if sampler is not None:
+            resolve(sampler, schedule)
+        elif schedule is not None and schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    except ValueError as e:
+        raise RenderError(str(e)) from None
+
+
+def _parameters_text(prompt, negative, steps, sampler, schedule, guidance, seed, size, bundle) -> str:
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     lines.append(
-        f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, "
+        f"Steps: {steps}, Sampler: {sampler}, Schedule: {schedule}, CFG scale: {guidance:g}, Seed: {seed}, "
+        f"Size: {size[0]}x{size[1]}, "
         f"Model: {Path(bundle).name}, Engine: edgediff {__version__}"
     )
     return "\n".join(lines)
+
+
+@main.command()
+def samplers():
+    """List the samplers, schedules and distilled-model presets, one line each."""
+    from .runtime.samplers import PRESETS, SAMPLERS
+    from .runtime.schedules import SCHEDULES
+
+    spaced = ("discrete", "leading", "linspace", "trailing", "sgm_uniform")
+    click.echo("samplers (--sampler; in brackets the schedules each runs on, its default first):")
+    for name, info in SAMPLERS.items():
+        names = [n for n in info.schedules if n not in spaced]
+        if set(spaced) <= set(info.schedules):
+            names.insert(0, "discrete + spacings")
+        click.echo(f"  {name:<13} {info.description} [{', '.join(names)}]")
+    click.echo("schedules (--schedule):")
+    for name, description in SCHEDULES.items():
+        click.echo(f"  {name:<13} {description}")
+    click.echo("presets (from the bundle's manifest, used when no sampler or schedule is given):")
+    for name, p in PRESETS.items():
+        click.echo(f"  {name:<13} {p.sampler}, {p.schedule}: {p.description}")
 
 
 @main.command()
@@ -163,6 +209,56 @@ def export(src, out, preset, force, opset):
 
         manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, progress=progress)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
+
+
+def _int_list(ctx, param, value):
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,4") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{value!r}: give positive integers, e.g. 1,4")
+    return values
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--steps", "steps", default="1", show_default=True, callback=_int_list, help="Step counts, e.g. 1,4.")
+@click.option("--size", callback=_parse_size, default="512x512", show_default=True, help="WIDTHxHEIGHT.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list, help="Batch sizes, e.g. 1,4.")
+@click.option("--threads", type=int, help="Threads for every engine [default: each engine's own choice].")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Measured runs per configuration.")
+@click.option("--warmup", type=click.IntRange(1), default=1, show_default=True,
+              help="Unmeasured renders first (the first is reported as the cold render).")
+@click.option("--compare", default="", help="Peers to run side by side: diffusers, optimum (comma-separated).")
+@click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
+              help="edgediff's memory mode (low: one component loaded at a time).")
+@click.option("--optimum-python", type=click.Path(path_type=Path), default=Path("benchmarks/.venv-optimum/bin/python"),
+              show_default=True, help="Python of the virtual environment Optimum runs in.")
+@click.option("--optimum-model", type=click.Path(path_type=Path), help="Optimum's export of the same checkpoint "
+              "[default: BUNDLE-optimum beside the first bundle].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full record as JSON.")
+@click.option("--chart", type=click.Path(path_type=Path), help="Draw a PNG chart of the stage times.")
+def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory, optimum_python, optimum_model,
+          json_path, chart):
+    """Time every stage of BUNDLES (several: side by side, e.g. fp32 and int8), optionally against diffusers and
+    Optimum on the same checkpoint, each engine in its own process, interleaved run by run."""
+    from .bench import Settings, run_bench
+    from .bench.chart import draw_chart
+    from .bench.report import format_report
+
+    settings = Settings(steps=steps, width=size[0], height=size[1], batches=batches, threads=threads, runs=runs,
+                        warmup=warmup, compare=[c.strip() for c in compare.split(",") if c.strip()], memory=memory,
+                        optimum_python=optimum_python, optimum_model=optimum_model)
+    with _one_line_errors():
+        record = run_bench(list(bundles), settings, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(format_report(record))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+    if chart:
+        chart.parent.mkdir(parents=True, exist_ok=True)
+        draw_chart(record, chart)
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,10 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "*.safetensors"]
 
 
 class SourceError(Exception):
@@ -36,8 +41,10 @@ class Checkpoint:
     @classmethod
     def open(cls, src: str | Path) -> Checkpoint:
         root = Path(src)
+        if not root.exists() and HUB_ID.fullmatch(str(src)):
+            root = _download(str(src))
         if not root.exists():
-            raise SourceError(f"{src}: no such folder (a diffusers pipeline folder is expected)")
+            raise SourceError(f"{src}: no such folder (a diffusers pipeline folder or a hub id is expected)")
         if not (root / "model_index.json").is_file():
             raise SourceError(
                 f"{src}: not a diffusers pipeline folder (no model_index.json); "
@@ -160,3 +167,13 @@ class Checkpoint:
         module = __import__(library)
         cls = getattr(module, cls_name)
         return cls.from_pretrained(self.root / name, torch_dtype=torch.float32).eval()
+
+
+def _download(repo_id: str) -> Path:
+    """A hub id where a network exists: fetch the pipeline's configs, tokenizer and safetensors weights only."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated: all end the export the same way
+        raise SourceError(f"{repo_id}: cannot fetch from the hub ({type(e).__name__}); pass a local folder") from None

@@ -49,9 +49,9 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    block_out_channels: tuple[int, ...] = (96, 192)
-    layers_per_block: int = 2
-    attention_heads: tuple[int, ...] = (3, 6)  # diffusers' `attention_head_dim` means heads (legacy naming)
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    attention_heads: tuple[int, ...] = (2, 4)  # diffusers' `attention_head_dim` means heads (legacy naming)
     norm_num_groups: int = 32
     guidance_embedding_dim: int = 128  # the LCM student's time_cond_proj_dim
 
@@ -243,24 +243,33 @@ def scheduler_config() -> dict:
     return dict(scheduler.config)
 
 
-def save_pipeline(folder: Path, text_encoder, unet, vae) -> Path:
-    """A diffusers LatentConsistencyModelPipeline folder (what `export_bundle` reads), written in place."""
-    from diffusers import LCMScheduler
+def save_pipeline(folder: Path, text_encoder, unet, vae, *, teacher: bool = False) -> Path:
+    """A diffusers pipeline folder (what `export_bundle` reads), written in place.
+
+    The student is saved as a LatentConsistencyModelPipeline with LCM's scheduler; `teacher` saves a plain
+    StableDiffusionPipeline with a trailing Euler schedule instead, to sample the teacher for diagnosis."""
+    import diffusers
 
     folder.mkdir(parents=True, exist_ok=True)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     save_tokenizer(folder / "tokenizer")
-    LCMScheduler.from_config(scheduler_config()).save_pretrained(folder / "scheduler")
+    config = scheduler_config()
+    if teacher:
+        pipeline_class, scheduler_class = "StableDiffusionPipeline", "EulerDiscreteScheduler"
+        config["timestep_spacing"] = "trailing"  # start sampling at t = 999, as the LCM student does
+    else:
+        pipeline_class, scheduler_class = "LatentConsistencyModelPipeline", "LCMScheduler"
+    getattr(diffusers, scheduler_class).from_config(config).save_pretrained(folder / "scheduler")
     index = {
-        "_class_name": "LatentConsistencyModelPipeline",
-        "_diffusers_version": __import__("diffusers").__version__,
+        "_class_name": pipeline_class,
+        "_diffusers_version": diffusers.__version__,
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "LCMScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,

@@ -21,9 +21,12 @@ from . import schedules
 from .denoise import Conditioning, guidance_embedding, make_denoiser
 from .images import decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
 from .noise import make_noise
-from .samplers import get_sampler
+from .samplers import SAMPLERS, SamplerInfo, resolve
 from .sessions import OrtSession
 from .tokenizers import ClipTokenizer
+
+
+MEMORY_MODES = ("normal", "low")
 
 
 class RenderError(ValueError):
@@ -70,15 +73,27 @@ def _as_list(prompt: str | list[str] | None, n: int | None = None) -> list[str]:
 class Pipeline:
     """A loaded bundle, ready to render. Use `Pipeline.load(path)`."""
 
-    def __init__(self, root: Path, manifest: Manifest, *, backend: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        *,
+        backend: str = "cpu",
+        threads: int | None = None,
+        memory: str = "normal",
+    ):
+        if memory not in MEMORY_MODES:
+            raise RenderError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
         self.root = root
         self.manifest = manifest
         self.backend = backend
         self.threads = threads
+        self.memory = memory
         self.tokenizer = ClipTokenizer.from_dir(root / manifest.tokenizer["path"])
         self._sessions: dict[str, OrtSession] = {}
-        for name in ("text_encoder", "unet", "vae_decoder"):
-            self.session(name)
+        if memory == "normal":
+            for name in ("text_encoder", "unet", "vae_decoder"):
+                self.session(name)
 
     @classmethod
     def load(
@@ -87,19 +102,26 @@ class Pipeline:
         *,
         backend: str = "cpu",
         threads: int | None = None,
+        memory: str = "normal",
         verify: bool = False,
     ) -> Pipeline:
-        """Load a bundle folder (checks every file's size and fingerprint; `verify` hashes them in full)."""
+        """Load a bundle folder (checks every file's size and fingerprint; `verify` hashes them in full).
+
+        memory="normal" keeps every session loaded; memory="low" loads each component only for its stage and
+        frees it before the next, so peak memory is about the largest component instead of the sum (each render
+        then pays the sessions' load time)."""
         if path is None:
             raise BundleError("no bundle given; pass the folder an `edgediff export` wrote")
         root = Path(path)
-        return cls(root, load_manifest(root, verify=verify), backend=backend, threads=threads)
+        return cls(root, load_manifest(root, verify=verify), backend=backend, threads=threads, memory=memory)
 
     def session(self, name: str) -> OrtSession:
         if name not in self._sessions:
             component = self.manifest.components.get(name)
             if component is None:
                 raise RenderError(f"this bundle has no {name} (needed for this render); re-export it with one")
+            if self.memory == "low":
+                self._sessions.clear()  # drop the previous stage's session before this one is loaded
             self._sessions[name] = OrtSession(self.root, name, component, backend=self.backend, threads=self.threads)
         return self._sessions[name]
 
@@ -137,11 +159,30 @@ class Pipeline:
         z = (latents / np.float32(lat.scaling_factor) + np.float32(lat.shift_factor)).astype(np.float32)
         return decoded_to_unit(self.session("vae_decoder")(latent_sample=z)["sample"])
 
-    def schedule(self, sampler: str, steps: int, strength: float = 1.0) -> schedules.Schedule:
-        cfg = self.manifest.scheduler
-        if sampler == "lcm":
-            return schedules.lcm(cfg, steps, strength)
-        return schedules.discrete(cfg, steps)
+    def resolve_sampler(self, sampler: str | None = None, schedule: str | None = None) -> tuple[SamplerInfo, str]:
+        """The sampler and schedule a render runs: the caller's, else the manifest's default sampler and its
+        preset's schedule (Turbo: euler_a, trailing; LCM: lcm; Lightning: euler, trailing), else the sampler's own
+        default. A pair that makes no sense (lcm with karras, flow_euler on an epsilon model) is refused."""
+        sampler = sampler or self.manifest.defaults.sampler
+        info, schedule = _lookup(resolve, sampler, schedule, self.manifest.preset)
+        prediction = self.manifest.prediction_type
+        if (info.convention == "flow") != (prediction == "flow"):
+            fits = [n for n, s in SAMPLERS.items() if (s.convention == "flow") == (prediction == "flow")]
+            raise RenderError(f"sampler {sampler!r} does not fit this bundle's {prediction} model; "
+                              f"choose one of {', '.join(fits)}")
+        return info, schedule
+
+    def schedule(self, sampler: str | None, steps: int, strength: float = 1.0, schedule: str | None = None,
+                 *, img2img: bool = False) -> schedules.Schedule:
+        """The schedule a render runs, discretised as the sampler's diffusers counterpart does. For img2img it
+        starts part-way as diffusers' img2img pipelines do: LCM folds strength into its distilled timesteps and
+        runs them all (LatentConsistencyModelImg2ImgPipeline), the others run the last int(steps * strength)."""
+        info, name = self.resolve_sampler(sampler, schedule)
+        sched = _lookup(schedules.build, self.manifest.scheduler, info.convention, name, steps,
+                        strength=strength if img2img and info.convention == "lcm" else 1.0)
+        if not img2img:
+            return sched
+        return sched.starting_at(0 if info.convention == "lcm" else schedules.img2img_start(len(sched), strength))
 
     # --- the render -------------------------------------------------------------------------------------------
 
@@ -171,19 +212,21 @@ class Pipeline:
         callback: Callable[[int, int, np.ndarray], bool | None] | None = None,
         output_type: str = "pil",
         noise: str = "torch",
+        schedule: str | None = None,
     ) -> PipelineOutput:
         timer = Timer()
         d = self.manifest.defaults
         steps = d.steps if num_inference_steps is None else int(num_inference_steps)
         guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
-        sampler = sampler or d.sampler
-        sample_fn = _lookup(get_sampler, sampler)
+        info, schedule = self.resolve_sampler(sampler, schedule)
+        rng = _lookup(make_noise, seed if seed is not None else int.from_bytes(os.urandom(4), "little"), noise)
         init_image = load_image(image) if image is not None else None
         if init_image is not None and height is None and width is None:
             m = self.manifest.size_multiple
             width, height = (init_image.width // m) * m, (init_image.height // m) * m
         height, width = height or d.height, width or d.width
         self._check(steps, height, width, strength, init_image)
+        sched = self.schedule(sampler, steps, strength, schedule, img2img=init_image is not None)
         if output_type not in ("pil", "np"):
             raise RenderError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 
@@ -205,13 +248,10 @@ class Pipeline:
 
         lat = self.manifest.latent
         shape = (batch, lat.channels, height // lat.downscale, width // lat.downscale)
-        rng = make_noise(seed if seed is not None else int.from_bytes(os.urandom(4), "little"), noise)
-        sched = self.schedule(sampler, steps, strength if init_image is not None else 1.0)
         if init_image is not None:
             clean = self.encode_image(init_image, width, height, rng.randn)
             clean = np.repeat(clean, batch // clean.shape[0], axis=0)
             t = timer.stage("vae_encoder", t)
-            sched = sched.starting_at(schedules.img2img_start(len(sched), strength))
             x = clean + _initial_noise(latents, shape, rng) * np.float32(sched.init_noise_sigma)
         else:
             x = _initial_noise(latents, shape, rng) * np.float32(sched.init_noise_sigma)
@@ -221,7 +261,7 @@ class Pipeline:
             conditioning,
             self.manifest.prediction_type,
             sched.timestep_for,
-            lcm_timestep_scaling=self.manifest.scheduler.timestep_scaling if sampler == "lcm" else None,
+            lcm_timestep_scaling=self.manifest.scheduler.timestep_scaling if info.convention == "lcm" else None,
         )
         total = len(sched)
         interrupted = False
@@ -229,12 +269,17 @@ class Pipeline:
         def on_step(i, x_now, x0):
             nonlocal t, interrupted
             t = timer.stage("steps", t)
-            if callback is not None and callback(i, total, x_now) is False:
+            # the sampler's x is its working buffer, updated in place next step: the caller gets its own copy
+            if callback is not None and callback(i, total, x_now.copy()) is False:
                 interrupted = True
                 return False
             return None
 
-        x = sample_fn(denoise, x.astype(np.float32), sched.sigmas, noise=rng.randn, callback=on_step)
+        extra = {"targets": sched.targets} if sched.targets is not None else {}
+        x = info.fn(denoise, x.astype(np.float32), sched.sigmas, noise=rng.randn, callback=on_step, **extra)
+        if not interrupted and sched.final_scale != 1.0:
+            x = x * np.float32(sched.final_scale)  # DDIM / TCD stop short of sigma 0, in alpha space
+        del denoise  # with memory="low" the U-Net session must be freed before the VAE decoder's is loaded
         t = time.perf_counter()
         images = self.decode(x)
         timer.stage("vae_decoder", t)
@@ -251,8 +296,9 @@ def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng) -> n
     return latents
 
 
-def _lookup(getter, name):
+def _lookup(getter, *args, **kwargs):
+    """The library's ValueError about a bad name or pair, as a RenderError (one line, exit code 2 at the CLI)."""
     try:
-        return getter(name)
+        return getter(*args, **kwargs)
     except ValueError as e:
         raise RenderError(str(e)) from None

@@ -1,18 +1,28 @@
 """Samplers as pure functions over NumPy arrays, k-diffusion style.
 
 Each has the signature `sample_<name>(denoise, x, sigmas, *, noise, callback) -> x`:
-- `denoise(x, sigma) -> x0` is the model (see denoise.py); `sigmas` is the schedule, descending, ending in 0;
-- `noise(shape) -> array` draws unit Gaussian noise for the stochastic samplers;
+- `denoise(x, sigma) -> x0` is the model (see denoise.py); it returns a new array on every call, which samplers may
+  keep. `sigmas` is the schedule, descending, ending where the last step lands (usually 0);
+- `noise(shape) -> array` draws unit Gaussian noise for the stochastic samplers, in the order diffusers draws it, so
+  that a torch-compatible noise source reproduces diffusers' images for a seed;
 - `callback(i, x, x0)` is called after step i; returning False stops the loop, and the sampler then returns the
-  last x0 estimate (the cleanest image available at that point).
-No sampler keeps state between calls: "Euler a, trailing" is a sampler plus a schedule.
+  last x0 estimate (the cleanest image available at that point). `x` is the sampler's working buffer, valid until
+  the next step: copy it to keep it.
+DDIM and TCD also take `targets`, where each step lands when that is not the next sigma (see schedules.py).
+No sampler keeps state between calls: "DPM++ 2M Karras" is a sampler plus a schedule. The input x is never written.
+All updates are in sigma space; diffusers' alpha-space updates (DDIM, DPM-Solver, UniPC, LCM, TCD) are the same
+maps divided through by alpha = 1 / sqrt(sigma^2 + 1).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from .schedules import SCHEDULES
 
 Denoise = Callable[[np.ndarray, float], np.ndarray]
 Noise = Callable[[tuple[int, ...]], np.ndarray]
@@ -21,6 +31,17 @@ Callback = Callable[[int, np.ndarray, np.ndarray], "bool | None"]
 
 def _stopped(callback: Callback | None, i: int, x: np.ndarray, x0: np.ndarray) -> bool:
     return callback is not None and callback(i, x, x0) is False
+
+
+def _working(x: np.ndarray) -> np.ndarray:
+    return np.array(x, dtype=np.float32)  # a copy the loop updates in place: fewer temporaries per step
+
+
+def _toward(x: np.ndarray, x0: np.ndarray, ratio: float, buf: np.ndarray) -> None:
+    """x += (x - x0) * ratio in place: the deterministic move from sigma to sigma * (1 + ratio)."""
+    np.subtract(x, x0, out=buf)
+    buf *= np.float32(ratio)
+    x += buf
 
 
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -34,27 +55,205 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
 def sample_euler(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, "Elucidating the Design Space of
     Diffusion-Based Generative Models", Algorithm 2 without churn)."""
+    x = _working(x)
+    buf = np.empty_like(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x0 = denoise(x, sigma)
-        x = x + (x - x0) * np.float32((sigma_next - sigma) / sigma)
+        _toward(x, x0, (sigma_next - sigma) / sigma, buf)
         if _stopped(callback, i, x, x0):
             return x0
     return x
+
+
+def sample_flow_euler(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+    """Euler over a rectified-flow schedule (Liu et al. 2023, "Flow Straight and Fast"; Esser et al. 2024,
+    "Scaling Rectified Flow Transformers"): sigmas are flow times t in [0, 1] and x = (1 - t) x0 + t noise, so
+    x + (t_next - t) * v is x + (x - x0) * (t_next - t) / t, Euler's own update over an x0-denoiser."""
+    return sample_euler(denoise, x, sigmas, callback=callback)
 
 
 def sample_euler_a(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None):
     """Ancestral Euler (Song et al. 2021, "Score-Based Generative Modeling through SDEs"; k-diffusion's
     sample_euler_ancestral). Noise is drawn at every step, the last included, as diffusers does, so that a seed
     draws the same stream."""
+    x = _working(x)
+    buf = np.empty_like(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x0 = denoise(x, sigma)
         down, up = ancestral_step(sigma, sigma_next)
-        x = x + (x - x0) * np.float32((down - sigma) / sigma)
+        _toward(x, x0, (down - sigma) / sigma, buf)
         z = noise(x.shape)
         if up:
-            x = x + z * np.float32(up)
+            z *= np.float32(up)
+            x += z
+        if _stopped(callback, i, x, x0):
+            return x0
+    return x
+
+
+def sample_heun(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn): an Euler step, then the slope
+    at its end averaged in; the step to sigma 0 stays Euler. Two model calls a step but the last, as diffusers'
+    HeunDiscreteScheduler with its doubled timesteps."""
+    x = _working(x)
+    d, x2 = np.empty_like(x), np.empty_like(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoise(x, sigma)
+        dt = np.float32(sigma_next - sigma)
+        np.subtract(x, x0, out=d)
+        d *= np.float32(1 / sigma)
+        if sigma_next == 0:
+            d *= dt
+            x += d
+        else:
+            np.multiply(d, dt, out=x2)
+            x2 += x
+            x0_next = denoise(x2, sigma_next)
+            d2 = x2 - x0_next
+            d2 *= np.float32(1 / sigma_next)
+            d += d2
+            d *= np.float32(0.5) * dt
+            x += d
+        if _stopped(callback, i, x, x0):
+            return x0
+    return x
+
+
+def sample_ddim(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None,
+                targets=None):
+    """DDIM, deterministic (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", eta = 0). In sigma
+    space its update x0 + sigma_to * eps is an Euler step to sigma_to. Where diffusers lands a step off the next
+    timestep (`targets`), the sample is kept as it stands in alpha space and re-read at the next sigma."""
+    x = _working(x)
+    buf = np.empty_like(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        to = float(targets[i]) if targets is not None else sigma_next
+        x0 = denoise(x, sigma)
+        _toward(x, x0, (to - sigma) / sigma, buf)
+        if to != sigma_next:
+            x *= np.float32(((sigma_next**2 + 1) / (to**2 + 1)) ** 0.5)
+        if _stopped(callback, i, x, x0):
+            return x0
+    return x
+
+
+def _two_step_x0(x0: np.ndarray, old: np.ndarray | None, h: float, h_last: float, out: np.ndarray) -> np.ndarray:
+    """DPM-Solver++(2M)'s blend of this and the last x0: D0 + D1 / 2 with D1 = (x0 - old) * h / h_last."""
+    if old is None:
+        return x0
+    k = 0.5 * h / h_last
+    np.multiply(x0, np.float32(1 + k), out=out)
+    out -= old * np.float32(k)
+    return out
+
+
+def sample_dpmpp_2m(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+    Models"), multistep, midpoint form; first order on the first step and on the step to sigma 0 (diffusers'
+    lower_order_final with final_sigmas_type "zero")."""
+    x = _working(x)
+    buf = np.empty_like(x)
+    old, h_last = None, 0.0
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoise(x, sigma)
+        if sigma_next == 0:
+            np.copyto(x, x0)
+        else:
+            h = math.log(sigma / sigma_next)  # lambda = -log sigma
+            d = _two_step_x0(x0, old, h, h_last, buf)
+            x *= np.float32(sigma_next / sigma)
+            x += d * np.float32(-math.expm1(-h))
+            h_last = h
+        old = x0
+        if _stopped(callback, i, x, x0):
+            return x0
+    return x
+
+
+def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", the SDE variant; diffusers' "sde-dpmsolver++",
+    midpoint): the 2M update with the noise term of the variance-preserving SDE. Noise is drawn every step, the
+    last included, as diffusers does."""
+    x = _working(x)
+    buf = np.empty_like(x)
+    old, h_last = None, 0.0
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoise(x, sigma)
+        z = noise(x.shape)
+        if sigma_next == 0:
+            np.copyto(x, x0)
+        else:
+            h = math.log(sigma / sigma_next)
+            decay = -math.expm1(-2 * h)  # 1 - e^{-2h}
+            d = _two_step_x0(x0, old, h, h_last, buf)
+            x *= np.float32(sigma_next / sigma * math.exp(-h))
+            x += d * np.float32(decay)
+            z *= np.float32(sigma_next * decay**0.5)
+            x += z
+            h_last = h
+        old = x0
+        if _stopped(callback, i, x, x0):
+            return x0
+    return x
+
+
+def _unipc_update(x, m0, sigma_s, sigma_t, *, m_prev=None, sigma_prev=None, m_t=None, corrector_order=1):
+    """One UniPC (bh2, data prediction) update from sigma_s to sigma_t in sigma space. Without `m_t` it is the
+    predictor UniP (second order with m_prev), with `m_t` the corrector UniC of the given order."""
+    h = math.log(sigma_s / sigma_t)
+    hh = -h
+    phi1 = math.expm1(hh)  # also B(h) under bh2
+    out = x * np.float32(sigma_t / sigma_s)
+    out -= m0 * np.float32(phi1)
+    rk = math.log(sigma_s / sigma_prev) / h if m_prev is not None else None
+    if m_t is None:
+        if m_prev is not None:  # rho_p = 1/2
+            out -= (m_prev - m0) * np.float32(phi1 * 0.5 / rk)
+        return out
+    if corrector_order == 1:
+        rho_prev, rho_t = 0.0, 0.5
+    else:
+        phi_k = phi1 / hh - 1
+        b1 = phi_k / phi1
+        b2 = (phi_k / hh - 0.5) * 2 / phi1
+        rho_prev = (b1 - b2) / (1 - rk)  # solves [[1, 1], [rk, 1]] rho = b
+        rho_t = b1 - rho_prev
+    if rho_prev:
+        out -= (m_prev - m0) * np.float32(phi1 * rho_prev / rk)
+    out -= (m_t - m0) * np.float32(phi1 * rho_t)
+    return out
+
+
+def sample_unipc(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+    """UniPC, order 2, bh2 (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+    Diffusion Models"): each model call first corrects the previous step (UniC), then predicts the next (UniP);
+    first order on the first and last steps, as diffusers' UniPCMultistepScheduler with lower_order_final."""
+    x = _working(x)
+    n = len(sigmas) - 1
+    history: list[np.ndarray] = []  # the last two x0 predictions
+    last_x, last_order = None, 0
+    for i in range(n):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoise(x, sigma)
+        if last_x is not None:
+            two = last_order == 2
+            x = _unipc_update(last_x, history[-1], float(sigmas[i - 1]), sigma, m_t=x0, corrector_order=last_order,
+                              m_prev=history[-2] if two else None, sigma_prev=float(sigmas[i - 2]) if two else None)
+        history = [*history[-1:], x0]
+        order = min(2, n - i, i + 1)
+        last_x, last_order = x, order
+        if sigma_next == 0:
+            x = x0.copy()
+        else:
+            two = order == 2
+            x = _unipc_update(x, x0, sigma, sigma_next, m_prev=history[0] if two else None,
+                              sigma_prev=float(sigmas[i - 1]) if two else None)
         if _stopped(callback, i, x, x0):
             return x0
     return x
@@ -66,21 +265,111 @@ def sample_lcm(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback 
     for i in range(len(sigmas) - 1):
         sigma_next = float(sigmas[i + 1])
         x0 = denoise(x, float(sigmas[i]))
-        x = x0 + noise(x.shape) * np.float32(sigma_next) if sigma_next > 0 else x0
+        if sigma_next > 0:
+            z = noise(x.shape)
+            z *= np.float32(sigma_next)
+            z += x0
+            x = z
+        else:
+            x = x0
         if _stopped(callback, i, x, x0):
             return x0
     return x
 
 
-SAMPLERS: dict[str, Callable] = {
-    "euler": sample_euler,
-    "euler_a": sample_euler_a,
-    "lcm": sample_lcm,
+def sample_tcd(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None, targets=None):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, "Trajectory
+    Consistency Distillation"): a DDIM step down to s = targets[i] (below the next sigma when gamma > 0), then
+    fresh noise back up to the next sigma; the last step lands on its target without noise."""
+    x = _working(x)
+    buf = np.empty_like(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        s = float(targets[i]) if targets is not None else sigma_next
+        x0 = denoise(x, sigma)
+        _toward(x, x0, (s - sigma) / sigma, buf)
+        if s < sigma_next:
+            z = noise(x.shape)
+            z *= np.float32((sigma_next**2 - s**2) ** 0.5)
+            x += z
+        if _stopped(callback, i, x, x0):
+            return x0
+    return x
+
+
+# --- the catalogue ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    fn: Callable
+    convention: str  # whose discretisation its schedules follow (schedules.build)
+    schedules: tuple[str, ...]  # the schedules it runs on; the first is its default
+    description: str
+
+
+_DISCRETE = ("discrete", "leading", "linspace", "trailing", "sgm_uniform")
+_WARPED = (*_DISCRETE, "karras", "exponential")
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    "euler": SamplerInfo(sample_euler, "euler", _WARPED, "Euler, deterministic; the plain default (EulerDiscrete)"),
+    "euler_a": SamplerInfo(sample_euler_a, "euler", _WARPED,
+                           "Euler ancestral: fresh noise each step, for exploring (EulerAncestralDiscrete)"),
+    "heun": SamplerInfo(sample_heun, "euler", _WARPED, "Heun, second order: two model calls a step (HeunDiscrete)"),
+    "ddim": SamplerInfo(sample_ddim, "ddim", _DISCRETE,
+                        "DDIM, deterministic, for img2img and latent interpolation (DDIMScheduler, eta 0)"),
+    "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "multistep", _WARPED,
+                            "DPM++ 2M: with karras, the usual final-render choice (DPMSolverMultistep)"),
+    "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, "multistep", _WARPED,
+                                "DPM++ 2M SDE: stochastic 2M (DPMSolverMultistep, sde-dpmsolver++)"),
+    "unipc": SamplerInfo(sample_unipc, "unipc", _WARPED,
+                         "UniPC predictor-corrector, good in 5-10 steps (UniPCMultistep, bh2)"),
+    "lcm": SamplerInfo(sample_lcm, "lcm", ("lcm",), "LCM multi-step consistency sampling, 1-8 steps (LCMScheduler)"),
+    "tcd": SamplerInfo(sample_tcd, "tcd", ("lcm",),
+                       "TCD, gamma 0.3: consistency sampling with partial re-noising (TCDScheduler)"),
+    "flow_euler": SamplerInfo(sample_flow_euler, "flow", ("flow_shift", "flow_dynamic"),
+                              "Euler over rectified flow, for SD3 / FLUX models (FlowMatchEulerDiscrete)"),
 }
 
 
-def get_sampler(name: str) -> Callable:
+@dataclass(frozen=True)
+class Preset:
+    sampler: str
+    schedule: str
+    description: str
+
+
+# The distilled families' sampling recipes, picked from the manifest's preset when the caller names no sampler or
+# schedule (the export already wrote the preset's sampler, steps and guidance into the manifest's defaults).
+PRESETS: dict[str, Preset] = {
+    "standard": Preset("euler", "discrete", "classifier-free guidance, the checkpoint's own spacing"),
+    "turbo": Preset("euler_a", "trailing", "adversarial distillation (SD-Turbo): 1-4 steps, guidance 0"),
+    "lcm": Preset("lcm", "lcm", "latent consistency (LCM, LCM-LoRA): 2-8 steps, w as a guidance embedding"),
+    "lightning": Preset("euler", "trailing", "progressive distillation (Lightning, Hyper-SD): 1-8 steps, guidance 0"),
+}
+
+
+def sampler_info(name: str) -> SamplerInfo:
     try:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+
+
+def get_sampler(name: str) -> Callable:
+    return sampler_info(name).fn
+
+
+def resolve(sampler: str, schedule: str | None = None, preset: str | None = None) -> tuple[SamplerInfo, str]:
+    """Check a (sampler, schedule) pair and fill in the schedule: the preset's where the sampler runs on it, else
+    the sampler's own default. Errors name the valid choices."""
+    info = sampler_info(sampler)
+    if schedule is None:
+        chosen = PRESETS.get(preset or "")
+        return info, chosen.schedule if chosen and chosen.schedule in info.schedules else info.schedules[0]
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule not in info.schedules:
+        raise ValueError(f"sampler {sampler!r} does not run on the {schedule!r} schedule; "
+                         f"choose one of {', '.join(info.schedules)}")
+    return info, schedule

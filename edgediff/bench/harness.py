@@ -1,0 +1,274 @@
+"""The harness behind `edgediff bench`: engines in their own processes, interleaved run by run, stage by stage.
+
+Every engine (each edgediff bundle, diffusers' PyTorch pipeline, Optimum's ONNX Runtime pipeline) runs in a worker
+process of its own, so its load time, first render and peak memory are its own; the measured runs go round the
+engines in turn, so that the machine's drift hits all of them alike and ratios hold where absolute times wander.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..bundle import read_manifest
+from . import worker
+from .flops import count_flops
+from .peak import measure_peak
+
+PEERS = ("diffusers", "optimum")
+DEFAULT_OPTIMUM_PYTHON = Path("benchmarks/.venv-optimum/bin/python")
+STAGES = ("text", "unet", "vae_decoder", "other", "total")
+
+
+@dataclass
+class Settings:
+    steps: list[int] = field(default_factory=lambda: [1])
+    width: int = 512
+    height: int = 512
+    batches: list[int] = field(default_factory=lambda: [1])
+    threads: int | None = None
+    runs: int = 3
+    warmup: int = 1
+    compare: list[str] = field(default_factory=list)
+    memory: str = "normal"
+    prompt: str = "a photograph of an astronaut riding a horse"
+    optimum_python: Path = DEFAULT_OPTIMUM_PYTHON
+    optimum_model: Path | None = None
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class EngineProcess:
+    """A worker process: send a request line, read a reply line."""
+
+    def __init__(self, label: str, spec: dict, python: str = sys.executable):
+        self.label, self.spec = label, spec
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [python, worker.__file__, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._log, text=True, env={**os.environ, "PYTHONPATH": _import_root()},
+        )
+        ready = self._reply()
+        self.load_s, self.versions = ready["load_s"], ready["versions"]
+        self.peak_rss_bytes = ready["peak_rss_bytes"]
+
+    def _reply(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            self._log.seek(0)
+            tail = [t for t in self._log.read().strip().splitlines() if t.strip()][-1:] or ["no output"]
+            raise EngineError(f"{self.label}: the worker exited ({tail[0][:200]})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise EngineError(f"{self.label}: {reply['error']}")
+        return reply
+
+    def render(self, request: dict) -> dict:
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        reply = self._reply()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, reply["peak_rss_bytes"])
+        return reply["timings"]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.write('{"cmd": "quit"}\n')
+                self._proc.stdin.close()
+                self._proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+        self._log.close()
+
+
+def _import_root() -> str:
+    """The folder edgediff is imported from, for workers started as plain scripts."""
+    root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
+def stage_times(t: dict) -> dict[str, float]:
+    """One render's timings on the stages every engine has: text (tokenize + encoder), unet (all steps),
+    vae_decoder, other (everything outside the models: the sampler, noise, pre/post-processing), total."""
+    text = t.get("tokenize", 0.0) + t.get("text_encoder", 0.0)
+    unet = sum(t.get("steps", []))
+    vae = t.get("vae_decoder", 0.0)
+    return {"text": text, "unet": unet, "vae_decoder": vae, "other": t["total"] - text - unet - vae, "total": t["total"]}
+
+
+def summarize(renders: list[dict], batch: int) -> dict:
+    per_stage = [stage_times(t) for t in renders]
+    steps = [s for t in renders for s in t.get("steps", [])]
+    summary = {
+        "median": {k: statistics.median(r[k] for r in per_stage) for k in STAGES},
+        "min": {k: min(r[k] for r in per_stage) for k in STAGES},
+        "max": {k: max(r[k] for r in per_stage) for k in STAGES},
+        "unet_step_median": statistics.median(steps) if steps else None,
+    }
+    summary["images_per_s"] = batch / summary["median"]["total"]
+    return summary
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        info["avx512_vnni"] = "avx512_vnni" in cpuinfo
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["memory_bytes"] = int(mem) * 1024
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tuple[str, dict, str]]:
+    specs = [(f"edgediff:{b.name}", {"engine": "edgediff", "model": str(b), "threads": s.threads, "memory": s.memory},
+              sys.executable) for b in bundles]
+    manifest = read_manifest(bundles[0])
+    spacing = manifest.scheduler.timestep_spacing
+    source = Path(manifest.provenance.get("source", ""))
+    for peer in s.compare:
+        if peer not in PEERS:
+            notes.append(f"{peer}: unknown peer; choose from {', '.join(PEERS)}")
+        elif peer == "diffusers":
+            if not (source / "model_index.json").is_file():
+                notes.append(f"diffusers: the bundle's source checkpoint {source} is not here; skipped")
+                continue
+            try:
+                import diffusers  # noqa: F401
+            except ImportError:
+                notes.append("diffusers: not installed (pip install 'edgediff[export]'); skipped")
+                continue
+            specs.append(("diffusers", {"engine": "diffusers", "model": str(source), "threads": s.threads,
+                                        "spacing": spacing, "sampler": manifest.defaults.sampler}, sys.executable))
+        else:
+            model = s.optimum_model or bundles[0].with_name(bundles[0].name + "-optimum")
+            if not Path(s.optimum_python).is_file():
+                notes.append(f"optimum: not installed (no {s.optimum_python}; make it with "
+                             "benchmarks/setup_optimum.sh); skipped")
+            elif not (Path(model) / "model_index.json").is_file():
+                notes.append(f"optimum: no Optimum export at {model} (make it with benchmarks/setup_optimum.sh); skipped")
+            else:
+                specs.append(("optimum", {"engine": "optimum", "model": str(model), "threads": s.threads,
+                                          "spacing": spacing, "sampler": manifest.defaults.sampler},
+                              str(s.optimum_python)))
+    return specs
+
+
+def _flops(bundle: Path, steps_batch: int, s: Settings, cfg: bool) -> dict[str, int]:
+    m = read_manifest(bundle)
+    f = m.latent.downscale
+    dims = {"sequence": 77, "height": s.height, "width": s.width,
+            "latent_height": s.height // f, "latent_width": s.width // f}
+    mult = 2 if cfg else 1
+    return {
+        "text_encoder": count_flops(bundle / m.components["text_encoder"].file, {**dims, "batch": mult}),
+        "unet_step": count_flops(bundle / m.components["unet"].file, {**dims, "batch": steps_batch * mult}),
+        "vae_decoder": count_flops(bundle / m.components["vae_decoder"].file, {**dims, "batch": steps_batch}),
+    }
+
+
+def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Measure every engine on every (steps, batch) configuration; returns the full record (see README)."""
+    manifest = read_manifest(bundles[0])
+    guidance = manifest.defaults.guidance_scale
+    cfg = guidance > 1.0 and not manifest.guidance_embedding_dim
+    notes: list[str] = []
+    specs = _engine_specs(bundles, s, notes)
+    for note in notes:
+        progress(note)
+    progress("measuring the machine's peak")
+    record = {"machine": machine(), "settings": {**asdict(s), "optimum_python": str(s.optimum_python),
+              "optimum_model": str(s.optimum_model) if s.optimum_model else None},
+              "peak": measure_peak(s.threads), "notes": notes, "engines": []}
+    engines: list[EngineProcess] = []
+    try:
+        for label, spec, python in specs:
+            progress(f"loading {label}")
+            try:
+                engines.append(EngineProcess(label, {**spec, "sampler": manifest.defaults.sampler}, python))
+            except EngineError as e:
+                notes.append(f"{e}; skipped")
+                progress(notes[-1])
+        results = {e.label: {"configs": []} for e in engines}
+        first = True
+        for steps in s.steps:
+            for batch in s.batches:
+                request = {"prompt": s.prompt, "steps": steps, "guidance": guidance, "sampler": manifest.defaults.sampler,
+                           "height": s.height, "width": s.width, "batch": batch, "seed": 0}
+                for e in engines:
+                    progress(f"{e.label}: warm-up, {steps} steps, batch {batch}")
+                    cold = e.render(request)
+                    if first:
+                        results[e.label]["cold_s"] = cold["total"]
+                    for _ in range(s.warmup - 1):
+                        e.render(request)
+                first = False
+                runs = {e.label: [] for e in engines}
+                for r in range(s.runs):
+                    for e in engines:
+                        progress(f"{e.label}: run {r + 1}/{s.runs}, {steps} steps, batch {batch}")
+                        runs[e.label].append(e.render({**request, "seed": r}))
+                for e in engines:
+                    results[e.label]["configs"].append(
+                        {"steps": steps, "batch": batch, "runs": runs[e.label], **summarize(runs[e.label], batch)}
+                    )
+        for e in engines:
+            entry = {"label": e.label, "engine": e.spec["engine"], "model": e.spec["model"], "load_s": e.load_s,
+                     "peak_rss_bytes": e.peak_rss_bytes, "versions": e.versions, **results[e.label]}
+            if e.spec["engine"] == "edgediff":
+                _add_limits(entry, Path(e.spec["model"]), s, cfg, record["peak"])
+            record["engines"].append(entry)
+    finally:
+        for e in engines:
+            e.close()
+    _add_ratios(record)
+    return record
+
+
+def _add_limits(entry: dict, bundle: Path, s: Settings, cfg: bool, peak: dict) -> None:
+    """FLOPs per call from the graph, and the fraction of the machine's peak each stage reaches."""
+    precisions = {name: c.precision for name, c in read_manifest(bundle).components.items()}
+    for config in entry["configs"]:
+        flops = _flops(bundle, config["batch"], s, cfg)
+        config["flops"] = flops
+        med = config["median"]
+        times = {"text_encoder": med["text"], "unet_step": config["unet_step_median"], "vae_decoder": med["vae_decoder"]}
+        fraction = {}
+        for stage, n in flops.items():
+            component = "unet" if stage == "unet_step" else stage
+            limit = peak["int8_gops"] if precisions.get(component) == "int8" else peak["float32_gflops"]
+            if times[stage] and limit:
+                fraction[stage] = n / times[stage] / (limit * 1e9)
+        config["fraction_of_peak"] = fraction
+
+
+def _add_ratios(record: dict) -> None:
+    """For each edgediff engine, its time over every other engine's, per stage (medians) and per interleaved run
+    pair (totals): below 1, edgediff is faster. Load times likewise."""
+    engines = record["engines"]
+    for e in (x for x in engines if x["engine"] == "edgediff"):
+        e["time_ratio_to"], e["pair_ratios_to"], e["load_ratio_to"] = {}, {}, {}
+        for other in engines:
+            if other is e:
+                continue
+            e["time_ratio_to"][other["label"]] = [
+                {k: (c["median"][k] / o["median"][k] if o["median"][k] > 0 else None) for k in STAGES}
+                for c, o in zip(e["configs"], other["configs"])
+            ]
+            e["pair_ratios_to"][other["label"]] = [
+                [r["total"] / q["total"] for r, q in zip(c["runs"], o["runs"])]
+                for c, o in zip(e["configs"], other["configs"])
+            ]
+            e["load_ratio_to"][other["label"]] = e["load_s"] / other["load_s"]

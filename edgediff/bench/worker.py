@@ -1,0 +1,164 @@
+"""One engine in its own process for `edgediff bench`: a JSON spec on the command line, JSON lines in and out.
+
+Runs as a plain script (`python worker.py SPEC`) so that it also runs under another virtual environment (Optimum's
+exporter pins an older transformers): it imports nothing but the standard library until it knows its engine.
+
+Protocol: the worker loads its model and prints {"ready": true, "load_s", "peak_rss_bytes", "versions"}; then for
+each request line {"prompt", "steps", "guidance", "sampler", "height", "width", "batch", "seed"} it renders and
+prints {"timings": {text_encoder, steps: [...], vae_decoder, total, ...}, "peak_rss_bytes"}; "quit" ends it.
+Failures print {"error": "one line"} and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class StageClock:
+    """Times calls of a peer pipeline's components by wrapping their methods on the instance."""
+
+    def __init__(self):
+        self.timings: dict = {}
+
+    def wrap(self, obj, method: str, stage: str) -> None:
+        inner = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                if stage == "steps":
+                    self.timings.setdefault("steps", []).append(elapsed)
+                else:
+                    self.timings[stage] = self.timings.get(stage, 0.0) + elapsed
+
+        setattr(obj, method, timed)
+
+    def render(self, call) -> dict:
+        self.timings = {"steps": []}
+        start = time.perf_counter()
+        call()
+        self.timings["total"] = time.perf_counter() - start
+        return self.timings
+
+
+# Peers run the sampler edgediff's bundle names, through diffusers' own scheduler classes.
+DIFFUSERS_SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def _peer_call(pipe, clock: StageClock, spec: dict):
+    import torch
+
+    name, extra = DIFFUSERS_SCHEDULERS.get(spec["sampler"], DIFFUSERS_SCHEDULERS["euler"])
+    scheduler_cls = getattr(__import__("diffusers"), name)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, timestep_spacing=spec["spacing"], **extra)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+    def render(req):
+        def call():
+            with torch.inference_mode():
+                pipe(
+                    req["prompt"], num_inference_steps=req["steps"], guidance_scale=req["guidance"],
+                    height=req["height"], width=req["width"], num_images_per_prompt=req["batch"],
+                    generator=torch.Generator().manual_seed(req["seed"]), output_type="np",
+                )
+
+        return clock.render(call)
+
+    return render
+
+
+def load_edgediff(spec: dict):
+    from edgediff import Pipeline, __version__
+
+    pipe = Pipeline.load(spec["model"], threads=spec.get("threads"), memory=spec.get("memory", "normal"))
+
+    def render(req):
+        out = pipe(
+            req["prompt"], num_inference_steps=req["steps"], guidance_scale=req["guidance"], height=req["height"],
+            width=req["width"], num_images_per_prompt=req["batch"], seed=req["seed"], sampler=req["sampler"],
+            output_type="np",
+        )
+        return out.timings
+
+    import onnxruntime
+
+    return render, {"edgediff": __version__, "onnxruntime": onnxruntime.__version__}
+
+
+def load_diffusers(spec: dict):
+    import diffusers
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(spec["model"], torch_dtype=torch.float32)
+    clock = StageClock()
+    clock.wrap(pipe, "encode_prompt", "text_encoder")
+    clock.wrap(pipe.unet, "forward", "steps")
+    clock.wrap(pipe.vae, "decode", "vae_decoder")
+    return _peer_call(pipe, clock, spec), {"diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
+def load_optimum(spec: dict):
+    import onnxruntime
+    import optimum.onnxruntime as ort_pipelines
+
+    options = onnxruntime.SessionOptions()
+    if spec.get("threads"):
+        options.intra_op_num_threads = spec["threads"]
+    pipe = ort_pipelines.ORTStableDiffusionPipeline.from_pretrained(
+        spec["model"], provider="CPUExecutionProvider", session_options=options
+    )
+    clock = StageClock()
+    clock.wrap(pipe, "encode_prompt", "text_encoder")
+    clock.wrap(pipe.unet, "forward", "steps")
+    clock.wrap(pipe.vae_decoder, "forward", "vae_decoder")
+    import optimum
+
+    versions = {"optimum": getattr(optimum, "__version__", "?"), "onnxruntime": onnxruntime.__version__}
+    return _peer_call(pipe, clock, spec), versions
+
+
+ENGINES = {"edgediff": load_edgediff, "diffusers": load_diffusers, "optimum": load_optimum}
+
+
+def emit(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    try:
+        start = time.perf_counter()
+        render, versions = ENGINES[spec["engine"]](spec)
+        emit({"ready": True, "load_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
+              "versions": versions})
+        for line in sys.stdin:
+            request = json.loads(line)
+            if request.get("cmd") == "quit":
+                break
+            emit({"timings": render(request), "peak_rss_bytes": peak_rss_bytes()})
+    except Exception as e:  # the harness reports it in one line and goes on with the other engines
+        emit({"error": f"{type(e).__name__}: {e}".splitlines()[0]})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

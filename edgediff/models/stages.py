@@ -1,0 +1,246 @@
+"""The three training stages: VAE, teacher (text encoder + U-Net), LCM distillation of the student.
+
+Each stage is a loop of `steps` optimizer steps that checkpoints every few minutes (checkpoints.py) and
+resumes from its checkpoint; `train.py` strings them together and owns the run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import architecture as arch
+from . import checkpoints, data
+from .diffusion import DdimSolver, NoiseSchedule, consistency_boundary, ema_update, guidance_embedding, lr_at
+
+WARMUP_STEPS = 100
+GRAD_CLIP = 1.0
+KL_WEIGHT = 1e-5  # per latent element: keeps the latent scale in check without blurring the reconstruction
+EDGE_WEIGHT = 0.5  # an L1 loss on image gradients: crisp corners are what tell squares from circles
+TEACHER_EMA = 0.999
+TARGET_EMA = 0.95  # LCM's target network (Luo et al. 2023 use 0.95)
+HUBER_C = 1e-3  # the pseudo-Huber constant of diffusers' LCM distillation
+
+
+@dataclass
+class Loop:
+    """What a stage's loop needs: its checkpoint, what goes in it, and one training step."""
+
+    name: str
+    steps: int
+    state_path: Path
+    modules: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    step: Callable[[int], float]  # runs optimizer step i, returns the loss
+    checkpoint_seconds: float
+
+    def run(self, resume: bool) -> None:
+        start = 0
+        if self.state_path.is_file():
+            if not resume:
+                raise SystemExit(f"{self.state_path} holds an interrupted {self.name} stage; pass --resume to continue it")
+            start = checkpoints.load(self.state_path, self.modules, self.optimizers)["step"]
+            print(f"[{self.name}] resuming at step {start}/{self.steps}", flush=True)
+        from tqdm import tqdm
+
+        tty = sys.stderr.isatty()
+        bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc=self.name,
+                   mininterval=1 if tty else 60, file=sys.stderr, dynamic_ncols=tty)
+        began, saved, smooth = time.time(), time.time(), None
+        for i in bar:
+            loss = self.step(i)
+            smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
+            bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
+            if time.time() - saved > self.checkpoint_seconds and i + 1 < self.steps:
+                checkpoints.save(self.state_path, i + 1, self.modules, self.optimizers)
+                saved = time.time()
+        bar.close()
+        done = self.steps - start
+        print(f"[{self.name}] {done} steps in {time.time() - began:.0f} s, final loss {smooth}", flush=True)
+
+
+def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def vae_loop(cfg: arch.ModelConfig, ds: data.Dataset, seed: int, steps: int, batch: int, lr: float,
+             state_path: Path, checkpoint_seconds: float):
+    torch.manual_seed(seed)
+    vae = arch.build_vae(cfg.vae).train()
+    optimizer = _optimizer(vae.parameters(), lr, 0.0)
+
+    def step(i: int) -> float:
+        _set_lr(optimizer, lr_at(i, steps, lr, WARMUP_STEPS))
+        index = data.batch_rng(seed, "vae", i).integers(0, len(ds), batch)
+        x = _pixels(ds.images[index])
+        posterior = vae.encode(x).latent_dist
+        y = vae.decode(posterior.sample(torch.Generator().manual_seed(data.torch_seed(seed, "vae", i)))).sample
+        error = y - x
+        edges = (error[..., 1:, :] - error[..., :-1, :]).abs().mean() + (error[..., 1:] - error[..., :-1]).abs().mean()
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = error.abs().mean() + error.pow(2).mean() + EDGE_WEIGHT * edges + KL_WEIGHT * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP)
+        optimizer.step()
+        return loss.item()
+
+    return vae, Loop("vae", steps, state_path, {"vae": vae}, {"vae": optimizer}, step, checkpoint_seconds)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, float, float]:
+    """Posterior means of every image, normalised to unit variance: (latents, shift, scale).
+
+    The scale and shift go into the VAE's config (`scaling_factor`, `shift_factor`), which the exporter copies
+    into the manifest, so the runtime decodes with exactly the normalisation the U-Net was trained on."""
+    vae.eval()
+    means = [vae.encode(_pixels(images[i:i + batch])).latent_dist.mean for i in range(0, len(images), batch)]
+    latents = torch.cat(means)
+    shift = float(latents.mean())
+    scale = float(1.0 / (latents - shift).std())
+    return ((latents - shift) * scale).numpy().astype(np.float32), shift, scale
+
+
+@torch.no_grad()
+def reconstruction_check(vae, seed: int, n: int = 300) -> dict[str, float]:
+    """The detector's verdicts on VAE reconstructions of fresh images: the ceiling for the whole model."""
+    from .detector import check
+    from .shapes import make_dataset
+
+    images, _, scenes = make_dataset(n, seed + 999_331, size=arch.IMAGE_SIZE, two_object_fraction=data.TWO_OBJECT_FRACTION)
+    vae.eval()
+    decoded = vae.decode(vae.encode(_pixels(images)).latent_dist.mean).sample
+    pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    verdicts = [check(image, scene) for image, scene in zip(pixels, scenes)]
+    error = float((decoded - _pixels(images)).abs().mean()) * 127.5
+    return {"all_correct": float(np.mean([v.all_ok for v in verdicts])), "mean_abs_error_255": error}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teacher
+
+
+def teacher_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, seed: int, steps: int, batch: int,
+                 lr: float, state_path: Path, checkpoint_seconds: float):
+    """v-prediction with min-SNR weighting; the text encoder learns along (there is no pretrained one)."""
+    torch.manual_seed(seed + 1)
+    text_encoder = arch.build_text_encoder(cfg.text).train()
+    unet = arch.build_unet(cfg.unet, cfg.text.hidden_size, student=False).train()
+    ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
+    for p in [*ema_text.parameters(), *ema_unet.parameters()]:
+        p.requires_grad_(False)
+    params = [*text_encoder.parameters(), *unet.parameters()]
+    optimizer = _optimizer(params, lr, 0.01)
+    schedule = NoiseSchedule()
+    latents_t = torch.from_numpy(latents)
+
+    def step(i: int) -> float:
+        _set_lr(optimizer, lr_at(i, steps, lr, WARMUP_STEPS))
+        index, ids = data.sample_batch(ds, seed, "teacher", i, batch)
+        x0 = latents_t[index]
+        g = torch.Generator().manual_seed(data.torch_seed(seed, "teacher", i))
+        t = torch.randint(0, schedule.steps, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        hidden = text_encoder(input_ids=torch.from_numpy(ids)).last_hidden_state
+        v = unet(schedule.add_noise(x0, noise, t), t, hidden).sample
+        per_sample = (v - schedule.v_target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        loss = (schedule.min_snr_weight(t) * per_sample).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        optimizer.step()
+        decay = min(TEACHER_EMA, (1 + i) / (10 + i))
+        ema_update(ema_text, text_encoder, decay)
+        ema_update(ema_unet, unet, decay)
+        return loss.item()
+
+    modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_text, "ema_unet": ema_unet}
+    loop = Loop("teacher", steps, state_path, modules, {"teacher": optimizer}, step, checkpoint_seconds)
+    return (ema_text, ema_unet), loop
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LCM distillation
+
+
+def distill_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, text_encoder, teacher, seed: int,
+                 steps: int, batch: int, lr: float, state_path: Path, checkpoint_seconds: float):
+    """Latent consistency distillation (Luo et al. 2023, Algorithm 1), as diffusers' train_lcm_distill_sd does.
+
+    The student, at a segment's start, must agree with the target network (an EMA of itself) at the segment's
+    end, where the teacher's guided DDIM step took the same noisy latent; w is drawn per sample and given to the
+    student as LCM's guidance embedding. The text encoder is the teacher's, frozen."""
+    torch.manual_seed(seed + 2)
+    for module in (text_encoder, teacher):
+        module.eval().requires_grad_(False)
+    student = arch.student_from_teacher(teacher, cfg.unet).train()
+    target = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = _optimizer(student.parameters(), lr, 0.0)
+    schedule = NoiseSchedule()
+    solver = DdimSolver(schedule)
+    latents_t = torch.from_numpy(latents)
+    w_min, w_max = arch.GUIDANCE_RANGE
+    dim = cfg.unet.guidance_embedding_dim
+    with torch.no_grad():
+        uncond = text_encoder(input_ids=torch.from_numpy(data.null_tokens()[None])).last_hidden_state
+
+    def step(i: int) -> float:
+        _set_lr(optimizer, lr_at(i, steps, lr, WARMUP_STEPS))
+        # The student always sees a prompt; the teacher's unconditional half sees the empty one.
+        index, ids = data.sample_batch(ds, seed, "distill", i, batch, null_p=0.0)
+        x0 = latents_t[index]
+        g = torch.Generator().manual_seed(data.torch_seed(seed, "distill", i))
+        segment = torch.randint(0, solver.segments, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        w = w_min + (w_max - w_min) * torch.rand(batch, generator=g)
+        t = solver.timesteps[segment]
+        x_t = schedule.add_noise(x0, noise, t)
+        w_emb = guidance_embedding(w, dim)
+        with torch.no_grad():
+            hidden = text_encoder(input_ids=torch.from_numpy(ids)).last_hidden_state
+            both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                           torch.cat([hidden, uncond.expand_as(hidden)])).sample
+            v_cond, v_uncond = both.chunk(2)
+            x0_c, eps_c = schedule.from_v(x_t, v_cond, t)
+            x0_u, eps_u = schedule.from_v(x_t, v_uncond, t)
+            scale = w.view(-1, 1, 1, 1)
+            x_prev = solver.step(x0_c + scale * (x0_c - x0_u), eps_c + scale * (eps_c - eps_u), segment)
+            t_prev = solver.end_timesteps(segment)
+            x0_target, _ = schedule.from_v(x_prev, target(x_prev, t_prev, hidden, timestep_cond=w_emb).sample, t_prev)
+            c_skip, c_out = consistency_boundary(t_prev)
+            wanted = c_skip * x_prev + c_out * x0_target
+        x0_student, _ = schedule.from_v(x_t, student(x_t, t, hidden, timestep_cond=w_emb).sample, t)
+        c_skip, c_out = consistency_boundary(t)
+        predicted = c_skip * x_t + c_out * x0_student
+        loss = (torch.sqrt((predicted - wanted).pow(2) + HUBER_C**2) - HUBER_C).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+        optimizer.step()
+        ema_update(target, student, TARGET_EMA)
+        return loss.item()
+
+    loop = Loop("distill", steps, state_path, {"student": student, "target": target}, {"student": optimizer}, step,
+                checkpoint_seconds)
+    return target, loop

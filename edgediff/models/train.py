@@ -1,0 +1,235 @@
+"""Train the built-in model from a seed, on the CPU: `python -m edgediff.models.train --out DIR`.
+
+Stages, each resumable (`--resume`) from the checkpoint it writes every few minutes into DIR:
+  data     render the coloured-shapes dataset once into DIR/data (cached arrays)
+  vae      the KL autoencoder (32x32 RGB <-> 8x8x4), then every image encoded once into DIR/latents.npy
+  teacher  text encoder + U-Net (v-prediction, classifier-free guidance dropout), kept as EMA weights
+  distill  the LCM student with a guidance embedding, distilled from the teacher
+  export   a diffusers pipeline folder (DIR/pipeline) -> the edgediff bundle (DIR/bundle, or --bundle-out)
+`--stage all` runs whatever is not done yet, in order. A finished stage leaves a folder (DIR/vae,
+DIR/teacher, DIR/student) and is skipped afterwards; delete the folder to redo it. The run's settings are
+kept in DIR/config.json; a later call may leave them out but not contradict them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# Set before torch loads its OpenMP runtime: on a shared 2-core machine, spinning worker threads that wait for
+# a descheduled sibling made a training step up to 10x slower; sleeping waits cost ~20% when the machine is idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+STAGES = ("vae", "teacher", "distill", "export")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides the trained weights (the run folder is tied to it)."""
+
+    preset: str = "full"
+    seed: int = 0
+    n_images: int = 100_000
+    vae_steps: int = 1500
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    teacher_steps: int = 4000
+    teacher_batch: int = 128
+    teacher_lr: float = 5e-4
+    distill_steps: int = 1500
+    distill_batch: int = 96
+    distill_lr: float = 2e-4
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m edgediff.models.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="the run folder (checkpoints, stage outputs, bundle)")
+    p.add_argument("--stage", default="all", choices=("all", "data", *STAGES, "export-teacher"))
+    p.add_argument("--resume", action="store_true", help="continue a stage interrupted in DIR")
+    p.add_argument("--bundle-out", type=Path, help="where export writes the bundle (default DIR/bundle)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (at most 2 here)")
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    for f in fields(RunConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    return p.parse_args(argv)
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    """The run's config: DIR/config.json where it exists, else the defaults; explicit flags must agree."""
+    path = args.out / "config.json"
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    config = RunConfig(**stored) if stored else RunConfig()
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    if stored:
+        clash = {k: (stored[k], v) for k, v in given.items() if stored[k] != v}
+        if clash:
+            raise SystemExit(f"{args.out} was started with other settings {clash} (stored, given); use a new --out")
+    else:
+        config = RunConfig(**{**asdict(config), **given})
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return config
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished stage folder into place (atomic: a stage is either done or not)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _scratch(out: Path, name: str) -> Path:
+    tmp = out / f".{name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace):
+        from . import architecture as arch
+
+        self.args = args
+        self.out: Path = args.out
+        self.config = _config(args)
+        self.model = arch.PRESETS[self.config.preset]
+        self.checkpoint_seconds = args.checkpoint_minutes * 60
+        self._data = None
+
+    def log(self, message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    @property
+    def data(self):
+        if self._data is None:
+            from . import data
+
+            began = time.time()
+            self._data = data.load_or_make(self.out / "data", self.config.n_images, self.config.seed)
+            self.log(f"dataset: {len(self._data)} images ({time.time() - began:.0f} s)")
+        return self._data
+
+    def latents(self):
+        import numpy as np
+
+        return np.load(self.out / "latents.npy")
+
+    def stage_vae(self) -> None:
+        import numpy as np
+
+        from .stages import encode_latents, reconstruction_check, vae_loop
+
+        c = self.config
+        if not (self.out / "vae").is_dir():
+            vae, loop = vae_loop(self.model, self.data, c.seed, c.vae_steps, c.vae_batch, c.vae_lr,
+                                 self.out / "state-vae.safetensors", self.checkpoint_seconds)
+            loop.run(self.args.resume)
+            tmp = _scratch(self.out, "vae")
+            vae.save_pretrained(tmp, safe_serialization=True)
+            _publish(tmp, self.out / "vae")
+            (self.out / "state-vae.safetensors").unlink(missing_ok=True)
+        if not (self.out / "latents.npy").is_file():
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(self.out / "vae")
+            latents, shift, scale = encode_latents(vae, self.data.images)
+            vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+            tmp = _scratch(self.out, "vae")
+            vae.save_pretrained(tmp, safe_serialization=True)
+            _publish(tmp, self.out / "vae")
+            with open(self.out / ".latents.tmp.npy", "wb") as f:
+                np.save(f, latents)
+            os.replace(self.out / ".latents.tmp.npy", self.out / "latents.npy")
+            self.log(f"latents {latents.shape}: shift {shift:.4f}, scale {scale:.4f}")
+            self.log(f"reconstructions, as the detector sees them: {reconstruction_check(vae, self.config.seed)}")
+
+    def stage_teacher(self) -> None:
+        from .stages import teacher_loop
+
+        c = self.config
+        if (self.out / "teacher").is_dir():
+            return
+        (text_encoder, unet), loop = teacher_loop(self.model, self.data, self.latents(), c.seed, c.teacher_steps,
+                                                  c.teacher_batch, c.teacher_lr, self.out / "state-teacher.safetensors",
+                                                  self.checkpoint_seconds)
+        loop.run(self.args.resume)
+        tmp = _scratch(self.out, "teacher")
+        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        _publish(tmp, self.out / "teacher")
+        (self.out / "state-teacher.safetensors").unlink(missing_ok=True)
+
+    def _teacher(self):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        folder = self.out / "teacher"
+        return CLIPTextModel.from_pretrained(folder / "text_encoder"), UNet2DConditionModel.from_pretrained(folder / "unet")
+
+    def stage_distill(self) -> None:
+        from .stages import distill_loop
+
+        c = self.config
+        if (self.out / "student").is_dir():
+            return
+        text_encoder, teacher = self._teacher()
+        student, loop = distill_loop(self.model, self.data, self.latents(), text_encoder, teacher, c.seed,
+                                     c.distill_steps, c.distill_batch, c.distill_lr,
+                                     self.out / "state-distill.safetensors", self.checkpoint_seconds)
+        loop.run(self.args.resume)
+        tmp = _scratch(self.out, "student")
+        student.save_pretrained(tmp / "unet", safe_serialization=True)
+        _publish(tmp, self.out / "student")
+        (self.out / "state-distill.safetensors").unlink(missing_ok=True)
+
+    def stage_export(self, teacher: bool = False) -> Path:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from edgediff.export.convert import export_bundle
+
+        from . import architecture as arch
+
+        text_encoder, unet = self._teacher()
+        if not teacher:
+            unet = UNet2DConditionModel.from_pretrained(self.out / "student" / "unet")
+        name = "teacher" if teacher else ""
+        pipeline = self.out / ("pipeline-teacher" if teacher else "pipeline")
+        tmp = _scratch(self.out, pipeline.name)
+        arch.save_pipeline(tmp, text_encoder, unet, AutoencoderKL.from_pretrained(self.out / "vae"), teacher=teacher)
+        _publish(tmp, pipeline)
+        bundle = (self.out / "bundle-teacher") if teacher else (self.args.bundle_out or self.out / "bundle")
+        manifest = export_bundle(pipeline, bundle, preset="standard" if teacher else "lcm", force=True,
+                                 progress=lambda component: self.log(f"exported {name} {component}"))
+        self.log(f"bundle written to {bundle} ({manifest.preset}, defaults {manifest.defaults})")
+        return bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    import torch
+
+    torch.set_num_threads(max(1, min(2, args.threads)))
+    run = Run(args)
+    run.log(f"run {args.out}: {run.config}")
+    wanted = {"all": STAGES, "export-teacher": ()}.get(args.stage, (args.stage,))
+    began = time.time()
+    if args.stage == "data":
+        run.data  # noqa: B018 (renders and caches it)
+    for stage in STAGES:
+        if stage in wanted:
+            started = time.time()
+            getattr(run, f"stage_{stage}")()
+            run.log(f"stage {stage} done in {time.time() - started:.0f} s")
+    if args.stage == "export-teacher":
+        run.stage_export(teacher=True)
+    run.log(f"finished in {time.time() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

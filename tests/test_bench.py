@@ -1,0 +1,59 @@
+"""The benchmark harness on a tiny bundle: every field in the JSON, a valid PNG chart, missing peers in one line."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+
+from edgediff.cli import main
+
+STAGES = {"text", "unet", "vae_decoder", "other", "total"}
+
+
+def test_bench_json_and_chart_with_diffusers_and_a_missing_optimum(bundle, tmp_path):
+    out, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    r = CliRunner().invoke(main, [
+        "bench", str(bundle("sd1")), "--size", "32x32", "--steps", "1,2", "--batch", "1,2", "--runs", "2",
+        "--compare", "diffusers,optimum", "--optimum-python", str(tmp_path / "no-python"),
+        "--json", str(out), "--chart", str(chart),
+    ])
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("optimum:")]
+    assert len(notes) == 1 and "not installed" in notes[0]
+
+    record = json.loads(out.read_text())
+    assert record["peak"]["float32_gflops"] > 1 and record["peak"]["int8_gops"] > 1
+    assert {"cpu", "cores"} <= set(record["machine"])
+    labels = [e["label"] for e in record["engines"]]
+    assert labels == [f"edgediff:{bundle('sd1').name}", "diffusers"]
+    for e in record["engines"]:
+        assert e["load_s"] > 0 and e["cold_s"] > 0 and e["peak_rss_bytes"] > 10e6
+        assert [(c["steps"], c["batch"]) for c in e["configs"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+        for c in e["configs"]:
+            assert len(c["runs"]) == 2 and set(c["median"]) == STAGES and set(c["min"]) == STAGES
+            assert all(len(run["steps"]) == c["steps"] for run in c["runs"])
+            assert c["images_per_s"] > 0
+    ours = record["engines"][0]
+    for c in ours["configs"]:
+        assert set(c["flops"]) == {"text_encoder", "unet_step", "vae_decoder"}
+        assert c["flops"]["unet_step"] > 0 and 0 < c["fraction_of_peak"]["vae_decoder"] < 1
+    # doubling the batch doubles the U-Net's work per step
+    assert ours["configs"][1]["flops"]["unet_step"] == 2 * ours["configs"][0]["flops"]["unet_step"]
+    ratios = ours["time_ratio_to"]["diffusers"]
+    assert len(ratios) == 4 and set(ratios[0]) == STAGES and len(ours["pair_ratios_to"]["diffusers"][0]) == 2
+
+    with Image.open(chart) as im:
+        im.verify()
+        assert im.format == "PNG"
+    assert "median seconds" in r.stdout
+
+
+def test_bench_low_memory_mode_renders(bundle, tmp_path):
+    r = CliRunner().invoke(main, [
+        "bench", str(bundle("sd1")), "--size", "32x32", "--runs", "1", "--memory", "low", "--json", str(tmp_path / "b.json"),
+    ])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["settings"]["memory"] == "low" and record["engines"][0]["configs"][0]["median"]["total"] > 0
