@@ -255,3 +255,21 @@ def test_presets_pick_the_distilled_recipes():
     assert resolve("lcm", None, "lcm")[1] == "lcm"
     assert resolve("dpmpp_2m", None, "lcm")[1] == "discrete"  # the preset's schedule does not fit: the default
     assert {p.sampler for p in PRESETS.values()} <= set(SAMPLERS)
+
+
+def test_cli_lists_samplers_and_refuses_bad_pairs_before_loading_anything(tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    listing = CliRunner().invoke(main, ["samplers"])
+    assert listing.exit_code == 0
+    for name in [*SAMPLERS, *schedules.SCHEDULES, *PRESETS]:
+        assert any(line.split()[:1] == [name] for line in listing.output.splitlines()), name
+    missing = tmp_path / "no-bundle-here"
+    for args, fragment in [(["--sampler", "lcm", "--schedule", "karras"], "choose one of lcm"),
+                           (["--schedule", "nope"], "unknown schedule 'nope'; choose one of discrete"),
+                           (["--sampler", "nope"], "unknown sampler 'nope'; choose one of euler")]:
+        result = CliRunner().invoke(main, ["render", "a cat", "-m", str(missing), *args])
+        assert result.exit_code == 2, result.output
+        assert fragment in result.output and result.output.count("\n") == 1

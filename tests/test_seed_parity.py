@@ -18,7 +18,11 @@ diffusers = pytest.importorskip("diffusers")
 from edgediff import Pipeline  # noqa: E402
 from edgediff.runtime.pipeline import RenderError  # noqa: E402
 
-TOLERANCE = 2e-3
+# The contract is 2e-3. Measured errors are below 1e-5, and these tiny random-weight models' images move by only
+# ~3e-4 when a quirk goes missing (DPM-Solver's rounding of Karras timesteps), so the tests hold them to 2e-4.
+CONTRACT = 2e-3
+TOLERANCE = 2e-4
+assert TOLERANCE <= CONTRACT
 PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
 NEGATIVES = ["blurry", "low quality, ugly"]
 H, W = 32, 48
@@ -125,6 +129,7 @@ def _init_image():
     return Image.fromarray((pixels * 255).round().astype(np.uint8))
 
 
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")  # diffusers repeats the one init image
 @pytest.mark.parametrize("family,sampler,schedule,steps,strength", [
     ("sd1", "euler_a", "discrete", 5, 0.6),
     ("sd1", "heun", "karras", 4, 0.5),

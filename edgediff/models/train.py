@@ -36,7 +36,7 @@ class RunConfig:
     preset: str = "full"
     seed: int = 0
     n_images: int = 100_000
-    vae_steps: int = 1500
+    vae_steps: int = 1200
     vae_batch: int = 64
     vae_lr: float = 1e-3
     teacher_steps: int = 4000

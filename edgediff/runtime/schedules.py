@@ -35,7 +35,7 @@ SCHEDULES: dict[str, str] = {
     "leading": "timesteps evenly spaced up from t=0 plus steps_offset (the SD 1.x / 2.x training recipe's default)",
     "linspace": "timesteps evenly spaced from 0 to the last training step, both ends included",
     "trailing": "timesteps evenly spaced down from the last training step (Lin et al. 2023; Turbo, Lightning)",
-    "sgm_uniform": "k-diffusion / ComfyUI's uniform schedule from the last training step: trailing spacing here",
+    "sgm_uniform": "uniform timesteps down from the last training step: diffusers' mapping of it, trailing spacing",
     "karras": "Karras et al. 2022 sigmas (rho 7) between sigma_max and sigma_min: 'DPM++ 2M Karras'",
     "exponential": "sigmas evenly spaced in log-sigma between sigma_max and sigma_min",
     "lcm": "LCM's distilled timesteps, skipped evenly over the teacher's original_inference_steps grid",
@@ -181,7 +181,9 @@ def _integer_timesteps(cfg: SchedulerConfig, steps: int, spacing: str, *, multis
 def _spacing(cfg: SchedulerConfig, name: str) -> str:
     if name in SPACINGS:
         return name
-    # sgm_uniform: diffusers' documentation maps k-diffusion's sgm_uniform to timestep_spacing="trailing"
+    # sgm_uniform: diffusers' scheduler overview maps A1111 / k-diffusion's sgm_uniform to timestep_spacing="trailing".
+    # ComfyUI's own takes n fractional timesteps of linspace(t_max, 0, n + 1); trailing rounds those to integers
+    # (999, 749, 499, 249 for 4 steps, against 999, 749.25, 499.5, 249.75), and has a diffusers image to match.
     return "trailing" if name == "sgm_uniform" else cfg.timestep_spacing
 
 
