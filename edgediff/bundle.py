@@ -66,6 +66,9 @@ class Component:
     outputs: tuple[TensorSpec, ...]
     files: tuple[FileEntry, ...]
     parity: dict[str, Any] = field(default_factory=dict)
+    # How ONNX Runtime should run this graph, chosen at export: {"graph_optimization_level": "all" | "extended" |
+    # "basic" | "disabled", "disable_prepacking": bool}. See docs/loading.md for why these differ per component.
+    ort_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: dict) -> Component:
@@ -76,6 +79,7 @@ class Component:
             outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
             files=tuple(FileEntry(**f) for f in d["files"]),
             parity=dict(d.get("parity", {})),
+            ort_options=dict(d.get("ort_options", {})),
         )
 
     def input(self, name: str) -> TensorSpec | None:
@@ -96,6 +100,7 @@ class SchedulerConfig:
     rescale_betas_zero_snr: bool = False
     original_inference_steps: int = 50  # LCM: the teacher's schedule that distilled timesteps are drawn from
     timestep_scaling: float = 10.0  # LCM: boundary-condition scaling of the timestep
+    set_alpha_to_one: bool = False  # DDIM: whether the last step lands on sigma 0 or on sigma(t=0)
     source_class: str = ""
 
     @classmethod

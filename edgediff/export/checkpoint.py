@@ -112,6 +112,7 @@ class Checkpoint:
             rescale_betas_zero_snr=bool(full.get("rescale_betas_zero_snr", False)),
             original_inference_steps=int(full.get("original_inference_steps", 50)),
             timestep_scaling=float(full.get("timestep_scaling", 10.0)),
+            set_alpha_to_one=bool(full.get("set_alpha_to_one", False)),
             source_class=raw.get("_class_name", ""),
         )
         return config, full.get("prediction_type", "epsilon")

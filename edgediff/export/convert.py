@@ -85,8 +85,8 @@ def export_bundle(
             module = ck.load(source)
             spec = make_spec(module)
             path = tmp / name / "model.onnx"
-            written = export_component(module, spec, trace_dims, path, opset=opset)
-            parity = check_parity(module, spec, path, gate_dims)
+            written, ort_options = export_component(module, spec, trace_dims, path, opset=opset)
+            parity = check_parity(module, spec, path, gate_dims, ort_options=ort_options)
             del module
             gc.collect()
             components[name] = Component(
@@ -96,6 +96,7 @@ def export_bundle(
                 outputs=spec.outputs,
                 files=tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written),
                 parity=parity,
+                ort_options=ort_options,
             )
             if progress:
                 progress(name)

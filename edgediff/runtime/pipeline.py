@@ -122,7 +122,9 @@ class Pipeline:
                 raise RenderError(f"this bundle has no {name} (needed for this render); re-export it with one")
             if self.memory == "low":
                 self._sessions.clear()  # drop the previous stage's session before this one is loaded
-            self._sessions[name] = OrtSession(self.root, name, component, backend=self.backend, threads=self.threads)
+            self._sessions[name] = OrtSession(
+                self.root, name, component, backend=self.backend, threads=self.threads, lean=self.memory == "low"
+            )
         return self._sessions[name]
 
     # --- stages -----------------------------------------------------------------------------------------------

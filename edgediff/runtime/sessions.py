@@ -21,6 +21,9 @@ BACKENDS = {
 }
 
 
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+
+
 class FeedError(ValueError):
     """A session was fed something its model does not take."""
 
@@ -49,7 +52,18 @@ def check_feeds(name: str, specs: tuple[TensorSpec, ...], feeds: dict[str, np.nd
 class OrtSession:
     """An ONNX Runtime session for one bundle component, on the execution providers named by `backend`."""
 
-    def __init__(self, root: Path, name: str, component: Component, *, backend: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        component: Component,
+        *,
+        backend: str = "cpu",
+        threads: int | None = None,
+        lean: bool = False,
+    ):
+        """`lean` trades a little speed for peak memory: no memory arena and no pre-planned activation block, so
+        what a call allocates goes back when the call ends (memory="low")."""
         import onnxruntime as ort
 
         if backend not in BACKENDS:
@@ -61,10 +75,7 @@ class OrtSession:
                 f"backend {backend!r} needs {BACKENDS[backend][0]}, which this onnxruntime lacks "
                 f"(it has {', '.join(sorted(available))}); install edgediff[gpu] or use --backend cpu"
             )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(ort, component.ort_options, threads, lean)
         self.name = name
         self.inputs = component.inputs
         self.outputs = component.outputs
@@ -79,3 +90,28 @@ class OrtSession:
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         check_feeds(self.name, self.inputs, feeds)
         return dict(zip(self._output_names, self._session.run(self._output_names, feeds)))
+
+
+def session_options(ort, chosen: dict, threads: int | None, lean: bool):
+    """ONNX Runtime options from what the export chose for this graph (the manifest's ort_options)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    level = chosen.get("graph_optimization_level", "all")
+    if level not in OPTIMIZATION_LEVELS:
+        raise BundleError(f"unknown graph optimization level {level!r} in the manifest; re-export the bundle")
+    options.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if chosen.get("disable_prepacking"):
+        # Pre-packing copies every weight into the GEMM kernels' layout at load: seconds and a second copy of
+        # memory-mapped weights, for no measured speed-up on these models (docs/loading.md).
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+    if lean:
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    return options
