@@ -66,6 +66,8 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    for f in ("vocab.json", "merges.txt"):  # as real checkpoints ship them; older transformers need them
+        shutil.copyfile(tok_dir / f, out / "tokenizer" / f)
     shutil.rmtree(tok_dir)
     return out
 
