@@ -58,7 +58,8 @@ def main():
 
 @main.command()
 @click.argument("prompt")
-@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), help="Bundle folder written by `edgediff export`.")
+@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path),
+              help="Bundle folder written by `edgediff export` [default: the built-in model].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
               help="PNG to write; with several images, NAME-1.png, NAME-2.png, …")
 @click.option("--steps", type=int, help="Denoising steps [default: the bundle's, e.g. 1 for Turbo, 4 for LCM].")
@@ -90,10 +91,6 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     from .runtime.pipeline import Pipeline
 
     with _one_line_errors():
-        if bundle is None:
-            from .bundle import BundleError
-
-            raise BundleError("no model given; pass -m BUNDLE (a folder written by `edgediff export`)")
         if num_images < 1:
             from .runtime.pipeline import RenderError
 
@@ -120,7 +117,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     image = out.images[0]
     info, schedule = pipe.resolve_sampler(sampler, schedule)
     params = _parameters_text(prompt, negative, steps or d.steps, sampler or d.sampler, schedule,
-                              d.guidance_scale if guidance is None else guidance, seed, image.size, bundle)
+                              d.guidance_scale if guidance is None else guidance, seed, image.size, pipe.root)
     paths = [output] if len(out.images) == 1 else [
         output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
     ]
@@ -185,14 +182,32 @@ def samplers():
               help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
-def export(src, out, preset, force, opset):
-    """Export the diffusers checkpoint folder SRC to an ONNX bundle OUT.
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16: half-precision weights with fp32 islands; int8: QDQ U-Net and VAE decoder, calibrated on "
+              "denoising trajectories (text encoder and VAE encoder stay fp32).")
+@click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="int8: a text file of calibration prompts, one a line (the last one only gates) "
+              "[default: a built-in set of 8].")
+@click.option("--calibration-steps", type=click.IntRange(1), help="int8: steps per calibration render "
+              "[default: the bundle's, 2..8].")
+@click.option("--calibration-size", type=click.IntRange(1), help="int8: side of the square calibration renders "
+              "in pixels [default: the bundle's size].")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A LoRA (.safetensors, diffusers or kohya keys) fused into the weights before export, at SCALE "
+              "[default: 1]; repeatable, fused in order.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .ckpt / .bin / .pt weights (pickles can run code as they "
+              "load: only for files you trust).")
+def export(src, out, preset, force, opset, precision, calibration_prompts, calibration_steps, calibration_size,
+           loras, allow_pickle):
+    """Export SRC (a diffusers checkpoint folder, a hub id, or a single-file checkpoint) to an ONNX bundle OUT.
 
     Each component is exported, then run on ONNX Runtime against PyTorch on the same inputs; the export fails
-    past the stated tolerance. OUT appears only when everything succeeded."""
+    past the stated tolerance. fp16 and int8 components are then held to the fp32 graph with their own stated
+    tolerances. OUT appears only when everything succeeded."""
     try:
+        from .export.calibrate import Calibration
         from .export.checkpoint import SourceError
-        from .export.convert import COMPONENTS, export_bundle
+        from .export.convert import COMPONENTS, conversion_targets, export_bundle
         from .export.onnx import ParityError
     except ImportError as e:
         click.echo(f"error: export needs the export extra ({e.name} is missing); pip install 'edgediff[export]'", err=True)
@@ -202,12 +217,23 @@ def export(src, out, preset, force, opset):
     if opset < 17:
         click.echo(f"error: opset {opset} is too old; use 17 or newer", err=True)
         sys.exit(USAGE_ERROR)
-    with _one_line_errors(SourceError, ParityError), tqdm(total=len(COMPONENTS), desc="export", unit="component") as bar:
+    calibration = None
+    if calibration_prompts or calibration_steps or calibration_size:
+        prompts = Calibration.prompts
+        if calibration_prompts:
+            prompts = tuple(line.strip() for line in calibration_prompts.read_text().splitlines() if line.strip())
+        if len(prompts) < 2:
+            click.echo(f"error: {calibration_prompts}: give at least 2 prompts (the last one only gates)", err=True)
+            sys.exit(USAGE_ERROR)
+        calibration = Calibration(prompts=prompts, steps=calibration_steps, size=calibration_size)
+    total = len(COMPONENTS) + len(conversion_targets(precision))
+    with _one_line_errors(SourceError, ParityError), tqdm(total=total, desc="export", unit="component") as bar:
         def progress(name):
             bar.set_postfix_str(f"{name} proven")
             bar.update(1)
 
-        manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, progress=progress)
+        manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, precision=precision,
+                                 calibration=calibration, loras=loras, allow_pickle=allow_pickle, progress=progress)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
 
 
@@ -262,14 +288,19 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--verify", is_flag=True, help="Check every file's full sha256 (slow on big bundles).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def info(bundle, verify, as_json):
-    """Show what BUNDLE is: family, sampling defaults, components and their signatures."""
-    from .bundle import load_manifest
+    """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures."""
+    from .bundle import BundleError, load_manifest
+    from .models import builtin_bundle
 
     with _one_line_errors():
+        if bundle is None:
+            bundle = builtin_bundle()
+            if bundle is None:
+                raise BundleError("no bundle given and this install has no built-in model; pass a bundle folder")
         m = load_manifest(bundle, verify=verify)
     if as_json:
         click.echo(json.dumps(m.to_json(), indent=2))
@@ -291,6 +322,8 @@ def info(bundle, verify, as_json):
         parity = f", parity {err:.2g}" if err is not None else ""
         click.echo(f"  {name}: {c.precision}, {size / 1e6:.1f} MB{parity}\n    in:  {ins}\n    out: {outs}")
     p = m.provenance
+    if p.get("description"):
+        click.echo(f"  about: {p['description']}")
     click.echo(f"  made from {p.get('source')} on {p.get('date')}, opset {p.get('opset')}, "
                f"edgediff {p.get('versions', {}).get('edgediff')}")
     if verify:

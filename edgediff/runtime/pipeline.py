@@ -105,13 +105,18 @@ class Pipeline:
         memory: str = "normal",
         verify: bool = False,
     ) -> Pipeline:
-        """Load a bundle folder (checks every file's size and fingerprint; `verify` hashes them in full).
+        """Load a bundle folder, or the built-in model when `path` is None (checks every file's size and
+        fingerprint; `verify` hashes them in full).
 
         memory="normal" keeps every session loaded; memory="low" loads each component only for its stage and
         frees it before the next, so peak memory is about the largest component instead of the sum (each render
         then pays the sessions' load time)."""
         if path is None:
-            raise BundleError("no bundle given; pass the folder an `edgediff export` wrote")
+            from ..models import builtin_bundle
+
+            path = builtin_bundle()
+            if path is None:
+                raise BundleError("no bundle given and this install has no built-in model; pass a bundle folder")
         root = Path(path)
         return cls(root, load_manifest(root, verify=verify), backend=backend, threads=threads, memory=memory)
 
