@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("src", type=Path)
     p.add_argument("bundle", type=Path)
     p.add_argument("--preset")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     if not args.skip_export:
         cmd = [sys.executable, "-m", "edgediff.cli", "export", str(args.src), str(args.bundle), "--force"]
         cmd += ["--preset", args.preset] if args.preset else []
+        cmd += ["--precision", args.precision]
         wall, rss, _ = run_measured(cmd)
         size = sum(f.stat().st_size for f in args.bundle.rglob("*") if f.is_file())
         record["export"] = {"seconds": wall, "peak_rss_bytes": rss, "bundle_bytes": size}

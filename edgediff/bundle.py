@@ -69,6 +69,9 @@ class Component:
     # How ONNX Runtime should run this graph, chosen at export: {"graph_optimization_level": "all" | "extended" |
     # "basic" | "disabled", "disable_prepacking": bool}. See docs/loading.md for why these differ per component.
     ort_options: dict[str, Any] = field(default_factory=dict)
+    # What a reduced-precision conversion did: fp16's fp32 islands; int8's scheme, layer counts and the file of its
+    # per-layer report (quantized vs float, with reasons), which is also listed in `files`.
+    conversion: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: dict) -> Component:
@@ -80,6 +83,7 @@ class Component:
             files=tuple(FileEntry(**f) for f in d["files"]),
             parity=dict(d.get("parity", {})),
             ort_options=dict(d.get("ort_options", {})),
+            conversion=dict(d.get("conversion", {})),
         )
 
     def input(self, name: str) -> TensorSpec | None:

@@ -197,8 +197,10 @@ def samplers():
               "[default: 1]; repeatable, fused in order.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt / .bin / .pt weights (pickles can run code as they "
               "load: only for files you trust).")
+@click.option("--tiny-vae", type=click.Path(path_type=Path), help="An AutoencoderTiny folder (TAESD, TAESDXL) "
+              "exported as the decoder instead of the full VAE: fast previews, small devices.")
 def export(src, out, preset, force, opset, precision, calibration_prompts, calibration_steps, calibration_size,
-           loras, allow_pickle):
+           loras, allow_pickle, tiny_vae):
     """Export SRC (a diffusers checkpoint folder, a hub id, or a single-file checkpoint) to an ONNX bundle OUT.
 
     Each component is exported, then run on ONNX Runtime against PyTorch on the same inputs; the export fails
@@ -233,7 +235,7 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
             bar.update(1)
 
         manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, precision=precision,
-                                 calibration=calibration, loras=loras, allow_pickle=allow_pickle, progress=progress)
+                                 calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae, progress=progress)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
 
 

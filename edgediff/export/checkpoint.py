@@ -23,8 +23,38 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 HUB_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "*.safetensors"]
 
 
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
 class SourceError(Exception):
     """A source that cannot be exported; the message is one line saying what is wrong and what to do."""
+
+
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """Weights load from safetensors; a pickle can run code as it loads, so it needs the user's explicit opt-in."""
+    if path.suffix == ".safetensors":
+        return
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise SourceError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors")
+    if not allow_pickle:
+        raise SourceError(f"{path}: {path.suffix} files are pickles, which can run code when loaded; convert it to "
+                          ".safetensors, or pass --allow-pickle if you trust its source")
+
+
+def single_file_to_folder(path: Path, dest: Path, allow_pickle: bool) -> Path:
+    """A single-file checkpoint (as community models ship) -> a diffusers folder at `dest`, via diffusers."""
+    refuse_pickle(path, allow_pickle)
+    import diffusers
+
+    try:
+        pipe = diffusers.StableDiffusionPipeline.from_single_file(str(path), safety_checker=None)
+    except Exception as e:  # diffusers needs the base model's configs (hub or cache) and raises many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SourceError(f"{path}: cannot read it as a single-file SD checkpoint ({first}); convert it with "
+                          "diffusers' from_single_file(...).save_pretrained(DIR) and export DIR") from None
+    pipe.save_pretrained(dest)
+    del pipe
+    return dest
 
 
 @dataclass(frozen=True)
@@ -41,6 +71,8 @@ class Checkpoint:
     @classmethod
     def open(cls, src: str | Path) -> Checkpoint:
         root = Path(src)
+        if root.is_file():
+            raise SourceError(f"{src}: a single file; export_bundle converts single-file checkpoints first")
         if not root.exists() and HUB_ID.fullmatch(str(src)):
             root = _download(str(src))
         if not root.exists():
@@ -156,7 +188,7 @@ class Checkpoint:
 
     # --- loading components, one at a time -----------------------------------------------------------------
 
-    def load(self, name: str):
+    def load(self, name: str, allow_pickle: bool = False):
         """Load one torch component in float32; the caller frees it before loading the next."""
         import torch
         from diffusers.utils import logging as diffusers_logging
@@ -167,7 +199,15 @@ class Checkpoint:
         library, cls_name = self.index[name][:2]
         module = __import__(library)
         cls = getattr(module, cls_name)
-        return cls.from_pretrained(self.root / name, torch_dtype=torch.float32).eval()
+        try:
+            # without the opt-in, only safetensors weights load (diffusers would fall back to a .bin pickle)
+            return cls.from_pretrained(self.root / name, torch_dtype=torch.float32,
+                                       use_safetensors=None if allow_pickle else True).eval()
+        except OSError as e:  # what diffusers and transformers raise when no safetensors file is there
+            if allow_pickle or not any((self.root / name).glob("*.bin")):
+                raise
+            raise SourceError(f"{self.root / name}: weights only as .bin pickles, which can run code when loaded; "
+                              "pass --allow-pickle if you trust its source") from e
 
 
 def _download(repo_id: str) -> Path:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__
 from ..bundle import Component, FileEntry, Manifest, write_manifest
 from . import specs
-from .checkpoint import Checkpoint, SourceError
+from .calibrate import Calibration, describe, record_trajectories
+from .checkpoint import Checkpoint, SourceError, single_file_to_folder
+from .lora import check_components, fuse, parse_lora_arg, read_lora
 from .onnx import DEFAULT_OPSET, check_parity, export_component
+from .precision import PRECISIONS, convert_component
 
 # Which torch module each bundle component comes from, and the spec that exports it.
 COMPONENTS: dict[str, tuple[str, Callable]] = {
@@ -22,6 +27,18 @@ COMPONENTS: dict[str, tuple[str, Callable]] = {
     "vae_decoder": ("vae", specs.vae_decoder_spec),
     "vae_encoder": ("vae", specs.vae_encoder_spec),
 }
+
+
+def conversion_targets(precision: str) -> dict[str, str]:
+    """Which components a bundle precision converts, and to what; the rest stay fp32.
+
+    int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoder runs once per render and
+    the VAE encoder only for img2img, so they keep fp32's accuracy."""
+    if precision == "int8":
+        return {"unet": "int8", "vae_decoder": "int8"}
+    if precision == "fp16":
+        return {name: "fp16" for name in COMPONENTS}
+    return {}
 
 
 def _gate_shapes(ck: Checkpoint) -> tuple[dict[str, int], list[dict[str, int]]]:
@@ -59,16 +76,53 @@ def export_bundle(
     preset: str | None = None,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
+    precision: str = "fp32",
+    calibration: Calibration | None = None,
+    loras: list[str] | tuple[str, ...] = (),  # FILE[:SCALE], fused in order
+    allow_pickle: bool = False,
+    description: str | None = None,  # what the model is, shown by `edgediff info`
+    tiny_vae: str | os.PathLike | None = None,  # an AutoencoderTiny folder (TAESD / TAESDXL) to decode with
     progress: Callable[[str], None] | None = None,  # called with each component's name once it is proven
 ) -> Manifest:
     """Export every component of `src`, prove each against PyTorch, and write the bundle to `out`.
 
     The bundle is assembled in a temporary folder beside `out` and renamed into place, so an interrupted export
-    leaves nothing half-written; an existing `out` is replaced only with `force`."""
+    leaves nothing half-written; an existing `out` is replaced only with `force`. With `precision` fp16 or int8 the
+    fp32 bundle is completed first; each converted component is then proven against its fp32 graph (int8: on
+    held-out denoising trajectories, after calibrating on the others)."""
     out = Path(out)
+    if precision not in PRECISIONS:
+        raise SourceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if out.exists() and not force:
         raise SourceError(f"{out} already exists; pass --force to replace it")
-    ck = Checkpoint.open(src)
+    lora_files = [read_lora(*parse_lora_arg(str(a)), allow_pickle=allow_pickle) for a in loras]
+    if Path(src).is_file():
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".source-") as folder:
+            single_file_to_folder(Path(src), Path(folder), allow_pickle)
+            return _export(Checkpoint.open(folder), src, out, preset, force, opset, precision, calibration, lora_files,
+                           allow_pickle, tiny_vae, description, progress)
+    return _export(Checkpoint.open(src), src, out, preset, force, opset, precision, calibration, lora_files,
+                   allow_pickle, tiny_vae, description, progress)
+
+
+def _load_tiny_vae(folder, ck: Checkpoint):
+    """The AutoencoderTiny at `folder` and the spec that exports it as this checkpoint's decoder."""
+    import diffusers
+    import torch
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"{folder}: not an AutoencoderTiny folder (no config.json); pass e.g. a saved madebyollin/taesd")
+    module = diffusers.AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    if module.config.latent_channels != ck.latent.channels:
+        raise SourceError(f"{folder}: a tiny VAE for {module.config.latent_channels}-channel latents; this model's "
+                          f"have {ck.latent.channels} (TAESD is for SD 1/2, TAESDXL for SDXL)")
+    return module, specs.tiny_vae_decoder_spec(module, ck.latent.scaling_factor, ck.latent.shift_factor)
+
+
+def _export(ck, src, out, preset, force, opset, precision, calibration, loras, allow_pickle, tiny_vae, description,
+            progress) -> Manifest:
+    check_components(loras, {"unet", "text_encoder"})
     preset = ck.preset(preset)
     family = ck.family
     scheduler, prediction_type = ck.scheduler(preset)
@@ -80,13 +134,18 @@ def export_bundle(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        components = {}
+        components, component_specs = {}, {}
         for name, (source, make_spec) in COMPONENTS.items():
-            module = ck.load(source)
-            spec = make_spec(module)
+            if name == "vae_decoder" and tiny_vae is not None:
+                module, spec = _load_tiny_vae(tiny_vae, ck)
+            else:
+                module = ck.load(source, allow_pickle)
+                fuse(module, source, loras)
+                spec = make_spec(module)
             path = tmp / name / "model.onnx"
             written, ort_options = export_component(module, spec, trace_dims, path, opset=opset)
             parity = check_parity(module, spec, path, gate_dims, ort_options=ort_options)
+            component_specs[name] = spec  # its sample inputs feed the fp16 gate; it holds no weights
             del module
             gc.collect()
             components[name] = Component(
@@ -120,18 +179,68 @@ def export_bundle(
             guidance_embedding_dim=ck.guidance_embedding_dim,
             provenance={
                 "source": str(src),
+                **({"description": description} if description else {}),
                 "source_pipeline": ck.index.get("_class_name"),
                 "opset": opset,
+                "loras": [lora.provenance() for lora in loras],
+                "vae_decoder": f"AutoencoderTiny from {tiny_vae}" if tiny_vae else "the checkpoint's VAE",
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "versions": _versions(),
             },
         )
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
+        if precision != "fp32":
+            manifest = _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, progress)
+            write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, progress) -> Manifest:
+    """Convert the fp32 bundle in `tmp` to `precision`, component by component, each gated against fp32."""
+    import torch
+
+    targets = conversion_targets(precision)
+    records = {}
+    provenance = dict(manifest.provenance, precision=precision)
+    if precision == "int8":
+        calibration = calibration or Calibration()
+        records = record_trajectories(tmp, tuple(targets), calibration)
+        provenance["calibration"] = describe(calibration, records)
+    components = dict(manifest.components)
+    for name, target in targets.items():
+        c = components[name]
+        if name in records:
+            calibration_feeds, gate_feeds = records.pop(name)
+        else:
+            spec = component_specs[name]
+            calibration_feeds = None
+            gate_feeds = [
+                {k: v.numpy() for k, v in spec.sample(dims, torch.Generator().manual_seed(200 + i)).items()}
+                for i, dims in enumerate(gate_dims)
+            ]
+        written, options, parity, details = convert_component(
+            name, target, tmp / c.file, [t.name for t in c.outputs], c.ort_options, gate_feeds, calibration_feeds,
+            upcast_attention=bool(ck.unet_config.get("upcast_attention")) and name == "unet",
+        )
+        for old in c.files:
+            if tmp / old.path not in written:
+                (tmp / old.path).unlink(missing_ok=True)
+        components[name] = dataclasses.replace(
+            c,
+            precision=target,
+            files=tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written),
+            parity={**parity, "fp32_against_pytorch": c.parity},
+            ort_options=options,
+            conversion=details,
+        )
+        gc.collect()
+        if progress:
+            progress(f"{name} {target}")
+    return dataclasses.replace(manifest, components=components, provenance=provenance)
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -91,24 +91,37 @@ def export_component(
         del wrapped, args, feeds
         gc.collect()
         model = onnx.load(str(traced))  # also pulls in the per-tensor files the exporter writes for big models
-        weights = sum(t.ByteSize() for t in model.graph.initializer)
-        external = weights > EXTERNAL_DATA_THRESHOLD
-        data_name = path.name + DATA_SUFFIX
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=external,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
+        written, weights = save_graph(model, path)
         del model
         gc.collect()
-    written = [path, path.with_name(data_name)] if external else [path]
+    return written, default_ort_options(weights)
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> tuple[list[Path], int]:
+    """Save `model` as `path`, its weights in one `path.data` file past EXTERNAL_DATA_THRESHOLD.
+
+    Returns the files written and the weights' size in bytes. A stale data file from an earlier graph is removed."""
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    external = weights > EXTERNAL_DATA_THRESHOLD
+    data = path.with_name(path.name + DATA_SUFFIX)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    written = [path, data] if external else [path]
     for f in written:
         f.chmod(0o644)  # onnx writes external data owner-only; a bundle is read by whoever renders
+    return written, weights
+
+
+def default_ort_options(weights: int) -> dict:
     level = "extended" if weights > LARGE_GRAPH_BYTES else "all"
-    return written, {"graph_optimization_level": level, "disable_prepacking": True}
+    return {"graph_optimization_level": level, "disable_prepacking": True}
 
 
 def check_parity(

@@ -170,3 +170,25 @@ def vae_encoder_spec(vae) -> ComponentSpec:
         wrap=_VaeEncoder,
         sample=sample,
     )
+
+
+class _TinyVaeDecoder(torch.nn.Module):
+    """AutoencoderTiny (TAESD) as the bundle's decoder. The runtime hands every decoder the full VAE's unscaled
+    latents (latents / scaling_factor + shift_factor, from the manifest); diffusers hands a tiny VAE the sampler's
+    latents divided by the tiny VAE's own factor. The conversion between the two is baked into the graph, so the
+    manifest keeps one latent space and the runtime does not know which decoder it runs."""
+
+    def __init__(self, tiny, scaling_factor: float, shift_factor: float):
+        super().__init__()
+        self.tiny = tiny
+        self.scale = scaling_factor / tiny.config.scaling_factor
+        self.shift = shift_factor
+
+    def forward(self, latent_sample):
+        return (self.tiny.decode((latent_sample - self.shift) * self.scale, return_dict=False)[0],)
+
+
+def tiny_vae_decoder_spec(tiny, scaling_factor: float, shift_factor: float) -> ComponentSpec:
+    spec = vae_decoder_spec(tiny)
+    return ComponentSpec(spec.name, spec.inputs, spec.outputs,
+                         wrap=lambda m: _TinyVaeDecoder(m, scaling_factor, shift_factor), sample=spec.sample)

@@ -1,0 +1,131 @@
+"""LoRA fused at export renders what diffusers renders with the same LoRA loaded; bad sources get one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from click.testing import CliRunner  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from edgediff import Pipeline  # noqa: E402
+from edgediff.cli import main  # noqa: E402
+from edgediff.export.convert import export_bundle  # noqa: E402
+
+TOLERANCE = 2e-3
+RANK = 4
+SCALE = 0.7
+H, W = 32, 48
+
+
+@pytest.fixture(scope="module")
+def lora_files(checkpoint, tmp_path_factory):
+    """A random LoRA on the tiny SD1 U-Net (attention and resnet convs) and text encoder, in both formats."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    folder = tmp_path_factory.mktemp("lora")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None)
+    torch.manual_seed(0)
+    # lora_alpha = rank: the scale PEFT applies is then 1, whatever the file's metadata says
+    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
+    with torch.no_grad():
+        for pname, p in pipe.unet.named_parameters():
+            if "lora_" in pname:
+                p.normal_(0, 0.2)  # PEFT starts B at zero: a LoRA that changes nothing would prove nothing
+    layers = {"unet": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
+    # transformers 5 wants a newer PEFT than the registry has for its own adapters: the text encoder's LoRA layers
+    # are written directly, in the same format (diffusers loads them with PEFT's injection, not transformers')
+    layers["text_encoder"] = {
+        f"text_model.encoder.layers.{i}.self_attn.{proj}.lora_{part}.weight": torch.randn(shape) * 0.2
+        for i in range(2) for proj in ("q_proj", "v_proj")
+        for part, shape in (("A", (RANK, 32)), ("B", (32, RANK)))
+    }
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"], safe_serialization=True
+    )
+    diffusers_file = folder / "pytorch_lora_weights.safetensors"
+    kohya = {}
+    for key, value in load_file(diffusers_file).items():
+        component, _, rest = key.partition(".")
+        path, _, part = rest.rpartition(".lora.") if ".lora." in rest else rest.rpartition(".lora_")
+        part = {"A.weight": "down.weight", "B.weight": "up.weight"}.get(part, part)
+        prefix = "lora_unet_" if component == "unet" else "lora_te_"
+        kohya[f"{prefix}{path.replace('.', '_')}.lora_{part}"] = value
+        kohya[f"{prefix}{path.replace('.', '_')}.alpha"] = torch.tensor(float(RANK))
+    kohya_file = folder / "kohya.safetensors"
+    save_file(kohya, kohya_file)
+    return {"diffusers": diffusers_file, "kohya": kohya_file}
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_fused_lora_renders_like_diffusers_with_the_lora_loaded(checkpoint, lora_files, tmp_path, fmt):
+    out = tmp_path / "bundle"
+    manifest = export_bundle(checkpoint("sd1"), out, loras=[f"{lora_files[fmt]}:{SCALE}"])
+    (lora,) = manifest.provenance["loras"]
+    assert lora["format"] == fmt and lora["scale"] == SCALE and lora["layers"]["unet"] > 0 and lora["layers"]["text_encoder"] > 0
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(lora_files["diffusers"])
+    ref.fuse_lora(lora_scale=SCALE)
+    latents = torch.randn(1, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(2))
+    kw = dict(num_inference_steps=3, guidance_scale=7.5, height=H, width=W, output_type="np")
+    expected = ref("a red cat", latents=latents, **kw).images
+    ref.unfuse_lora()
+    ref.unload_lora_weights()
+    plain = ref("a red cat", latents=latents, **kw).images
+    got = Pipeline.load(out)("a red cat", latents=latents.numpy(), sampler="euler", **kw).images
+    assert np.abs(expected - plain).max() > 1e-2  # the LoRA changes the image
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+def _assert_one_line_error(args, message, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["export", *map(str, args[:1]), str(out), *map(str, args[1:])])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert "Traceback" not in r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_lora_whose_keys_match_no_layer(checkpoint, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"unet.no_such_block.attn.to_q.lora_A.weight": torch.zeros(RANK, 32),
+               "unet.no_such_block.attn.to_q.lora_B.weight": torch.zeros(32, RANK)}, bad)
+    _assert_one_line_error([checkpoint("sd1"), "--lora", bad], "matches a layer of this unet", tmp_path)
+
+
+def test_lora_for_another_architecture(checkpoint, lora_files, tmp_path):
+    state = load_file(lora_files["kohya"])
+    wide = {k: (torch.zeros(RANK, 2048) if k.endswith("attn2_to_k.lora_down.weight") else v) for k, v in state.items()}
+    bad = tmp_path / "wide.safetensors"
+    save_file(wide, bad)  # an SDXL-sized cross-attention input on an SD1 U-Net
+    _assert_one_line_error([checkpoint("sd1"), "--lora", bad], "LoRA for another architecture", tmp_path)
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({**state, "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(RANK, 32),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(32, RANK)}, sdxl)
+    _assert_one_line_error([checkpoint("sd1"), "--lora", sdxl], "text_encoder_2, which this pipeline lacks", tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin"])
+def test_pickles_need_allow_pickle(checkpoint, tmp_path, suffix):
+    pickle = tmp_path / f"model{suffix}"
+    torch.save({"state_dict": {}}, pickle)
+    _assert_one_line_error([pickle], "--allow-pickle", tmp_path)
+    _assert_one_line_error([checkpoint("sd1"), "--lora", pickle], "--allow-pickle", tmp_path)
+
+
+def test_source_folder_that_is_not_a_pipeline(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    _assert_one_line_error([src], "not a diffusers pipeline folder", tmp_path)

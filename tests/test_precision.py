@@ -1,0 +1,103 @@
+"""fp16 and int8 bundles: they render, hold their stated tolerances against the fp32 bundle, and say what they are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from edgediff import Pipeline  # noqa: E402
+from edgediff.export.calibrate import Calibration  # noqa: E402
+from edgediff.export.precision import psnr_db  # noqa: E402
+
+# Whole renders (several U-Net steps and the decode) against the fp32 bundle, pixels in 0..1.
+FP16_MAX_PIXEL_ERROR = 2e-2
+INT8_MIN_PSNR_DB = 25.0
+CALIBRATION = Calibration(prompts=("a red cat", "a castle on a hill at dawn", "a bowl of fruit"), steps=2)
+RENDER = dict(num_inference_steps=3, height=32, width=48, seed=5, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(checkpoint, tmp_path_factory):
+    from edgediff.export.convert import export_bundle
+
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    export_bundle(checkpoint("sd1"), out, precision="int8", calibration=CALIBRATION)
+    return out
+
+
+def _render(path, prompt="a red cat on a sofa"):
+    return Pipeline.load(path)(prompt, **RENDER).images
+
+
+def test_int8_bundle_renders_close_to_fp32(int8_bundle, bundle):
+    manifest = json.loads((int8_bundle / "manifest.json").read_text())
+    precisions = {name: c["precision"] for name, c in manifest["components"].items()}
+    assert precisions == {"text_encoder": "fp32", "unet": "int8", "vae_decoder": "int8", "vae_encoder": "fp32"}
+    assert manifest["provenance"]["calibration"]["samples"]["unet"] == {"calibration": 4, "gate": 2}  # 2 steps per prompt
+    fp32, int8 = _render(bundle("sd1")), _render(int8_bundle)
+    assert psnr_db(fp32, int8) >= INT8_MIN_PSNR_DB
+    assert np.abs(fp32 - int8).max() > 1e-4  # it really is a different (quantized) graph
+
+
+@pytest.mark.parametrize("component", ["unet", "vae_decoder"])
+def test_int8_graph_is_qdq_with_a_layer_report(int8_bundle, component):
+    c = json.loads((int8_bundle / "manifest.json").read_text())["components"][component]
+    ops = [n.op_type for n in onnx.load(str(int8_bundle / c["file"])).graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    report_file = f"{component}/{c['conversion']['report']}"
+    assert report_file in [f["path"] for f in c["files"]]  # listed, so it is checked like the graph
+    report = json.loads((int8_bundle / report_file).read_text())
+    assert len(report["quantized"]) == c["conversion"]["quantized_layers"] > 10
+    reasons = {f["node"]: f["reason"] for f in report["float"]}
+    assert reasons.get("/unet/conv_in/Conv" if component == "unet" else "/post_quant_conv/Conv") == "first convolution"
+    assert any(r == "last convolution" for r in reasons.values())
+    if component == "unet":
+        assert "product of two activations (attention)" in reasons.values()
+        assert "timestep embedding" in reasons.values()
+    assert c["parity"]["psnr_db"] >= c["parity"]["min_psnr_db"] and c["parity"]["against"] == "fp32 graph"
+
+
+def test_int8_activations_are_symmetric_uint8(int8_bundle):
+    """Zero point 128 everywhere: exactly int8 with zero point 0, shifted, so TensorRT can take the Q/DQ pairs."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(int8_bundle / "unet" / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.uint8 and np.all(z == 128) for z in zero_points)
+
+
+def test_fp16_bundle_from_the_command_line(checkpoint, bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    out = tmp_path / "fp16"
+    r = CliRunner().invoke(main, ["export", str(checkpoint("sd1")), str(out), "--precision", "fp16"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, c in manifest["components"].items():
+        assert c["precision"] == "fp16" and c["inputs"][0]["dtype"] in ("float32", "int64"), name
+        assert "fp32_islands" in c["conversion"] and c["parity"]["max_abs_err"] <= c["parity"]["limit"]
+    assert "InstanceNormalization" in manifest["components"]["unet"]["conversion"]["fp32_islands"]
+    weights = [t for t in onnx.load(str(out / "unet" / "model.onnx")).graph.initializer if t.dims and len(t.dims) == 4]
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)  # every conv weight is half
+    fp32, fp16 = _render(bundle("sd1")), _render(out)
+    assert np.abs(fp32 - fp16).max() <= FP16_MAX_PIXEL_ERROR
+
+
+def test_a_conversion_past_its_tolerance_fails_loudly_and_writes_nothing(checkpoint, tmp_path, monkeypatch):
+    from edgediff.export import precision
+    from edgediff.export.convert import export_bundle
+    from edgediff.export.onnx import ParityError
+
+    strict = {**precision.GATES["fp16"], "unet": precision.Gate(relative=1e-9, min_psnr_db=200.0)}
+    monkeypatch.setitem(precision.GATES, "fp16", strict)
+    with pytest.raises(ParityError, match="the fp16 graph differs from fp32"):
+        export_bundle(checkpoint("sd1"), tmp_path / "out", precision="fp16")
+    assert list(tmp_path.iterdir()) == []
