@@ -34,13 +34,38 @@ def _fix_inputs(model, dims: dict[str, int]) -> None:
                 d.dim_value = dims[d.dim_param]
 
 
+def _weights_as_inputs(model) -> None:
+    """Turn externally stored weights into graph inputs of the same type and shape: shape inference needs their
+    shapes, not their gigabytes (small shape constants are stored inline and stay)."""
+    from onnx import helper
+
+    external = [t for t in model.graph.initializer if t.data_location == 1]  # TensorProto.EXTERNAL
+    for t in external:
+        model.graph.initializer.remove(t)
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def _infer_shapes(model):
+    """Concrete shapes for every tensor. onnx's own inference loses track at the Reshapes whose target shape the
+    exporter computes at run time (every attention block), so ONNX Runtime's symbolic inference goes first."""
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # sympy missing, or an op it does not know: fall back, counting what onnx can see
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
 def count_flops(path: str | Path, dims: dict[str, int]) -> int:
     """FLOPs of one call of the model at `path`, its dynamic axes set from `dims` (e.g. batch, latent_height)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    _weights_as_inputs(model)
     _fix_inputs(model, dims)
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    model = _infer_shapes(model)
     shapes = _shapes(model)
     total = 0
     for node in model.graph.node:
