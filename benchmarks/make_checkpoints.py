@@ -3,6 +3,7 @@
 No weights can be downloaded here, so benchmarks run on the real configs with random weights. Usage:
 
     python benchmarks/make_checkpoints.py sd-turbo benchmarks/checkpoints/sd-turbo
+    python benchmarks/make_checkpoints.py sdxl-turbo benchmarks/checkpoints/sdxl-turbo   # ~14 GB in fp32
 """
 
 from __future__ import annotations
@@ -40,14 +41,54 @@ SD_TURBO = {
     "pad_token": "!",
 }
 
-ARCHITECTURES = {"sd-turbo": SD_TURBO}
+# SDXL-Turbo (stabilityai/sdxl-turbo's configs; SDXL 1.0 base but for sample_size 128 and the scheduler): CLIP-L and
+# OpenCLIP-bigG text encoders, a 2.6 B-parameter U-Net with size micro-conditioning, the SDXL VAE, 512 px.
+SDXL_TURBO = {
+    "pipeline": "StableDiffusionXLPipeline",
+    "unet": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+        addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 size numbers x 256 + the 1280-wide pooled embedding
+    ),
+    "text_encoder": dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    ),
+    "text_encoder_2": dict(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    ),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=1024,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.13025, force_upcast=True,
+    ),
+    "scheduler_class": "EulerAncestralDiscreteScheduler",
+    "scheduler": dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="trailing",
+    ),
+    "pad_token": "<|endoftext|>",
+    "pad_token_2": "!",
+}
+
+ARCHITECTURES = {"sd-turbo": SD_TURBO, "sdxl-turbo": SDXL_TURBO}
 CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-tokenizer"
 
 
 def make(name: str, out: Path, seed: int = 0) -> Path:
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     arch = ARCHITECTURES[name]
     torch.manual_seed(seed)
@@ -55,19 +96,26 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
     tok_dir.mkdir(parents=True, exist_ok=True)
     for f in ("vocab.json", "merges.txt"):
         shutil.copyfile(CLIP_TOKENIZER / f, tok_dir / f)
-    pipe = StableDiffusionPipeline(
+    components = dict(
         vae=AutoencoderKL(**arch["vae"]),
         text_encoder=CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
         tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, pad_token=arch["pad_token"]),
         unet=UNet2DConditionModel(**arch["unet"]),
-        scheduler=EulerDiscreteScheduler(**arch["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        scheduler=getattr(diffusers, arch.get("scheduler_class", "EulerDiscreteScheduler"))(**arch["scheduler"]),
     )
+    tokenizers = ["tokenizer"]
+    if "text_encoder_2" in arch:  # SDXL: the second encoder has the projection whose pooled output the U-Net takes
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77,
+                                                                  pad_token=arch["pad_token_2"])
+        tokenizers.append("tokenizer_2")
+    else:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, arch.get("pipeline", "StableDiffusionPipeline"))(**components)
     pipe.save_pretrained(out, safe_serialization=True)
-    for f in ("vocab.json", "merges.txt"):  # as real checkpoints ship them; older transformers need them
-        shutil.copyfile(tok_dir / f, out / "tokenizer" / f)
+    for folder in tokenizers:  # as real checkpoints ship them; older transformers need them
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copyfile(tok_dir / f, out / folder / f)
     shutil.rmtree(tok_dir)
     return out
 

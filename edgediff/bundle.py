@@ -134,8 +134,41 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder's part in the U-Net's conditioning. The graph already outputs the hidden state the U-Net
+    needs (`layer`, an index into the encoder's hidden states, through the final layer norm or not, as the source
+    pipeline takes it); `layer` and `final_layer_norm` record which, the runtime reads only `output`."""
+
+    component: str = "text_encoder"
+    tokenizer: str = "tokenizer"  # the bundle folder of its tokenizer, also listed in Manifest.tokenizers
+    output: str = "last_hidden_state"
+    layer: int = -1  # hidden_states[layer]; -1 with the final norm is last_hidden_state
+    final_layer_norm: bool = True
+    clip_skip: int = 0  # the layers skipped beyond what the family takes (diffusers' clip_skip)
+    pooled_output: str | None = None  # the pooled embedding the U-Net takes as `text_embeds` (SDXL: encoder 2)
+
+    @classmethod
+    def from_json(cls, d: dict) -> TextEncoder:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class AddedConditions:
+    """SDXL's micro-conditioning: the U-Net's `text_embeds` (pooled) and `time_ids` (original size, crop top-left,
+    target size). Sizes default to the render's (height, width), as diffusers' StableDiffusionXLPipeline does."""
+
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    # An absent negative prompt gives all-zero negative embeddings (pooled included) instead of encoding "".
+    force_zeros_for_empty_prompt: bool = True
+
+    @classmethod
+    def from_json(cls, d: dict) -> AddedConditions:
+        return cls(tuple(d.get("crops_coords_top_left", (0, 0))), bool(d.get("force_zeros_for_empty_prompt", True)))
+
+
+@dataclass(frozen=True)
 class Manifest:
-    family: str  # "sd1", "sd2", ...
+    family: str  # "sd1", "sd2", "sdxl", ...
     preset: str  # "standard", "turbo", "lcm", "lightning"
     prediction_type: str  # "epsilon", "v_prediction", "sample"
     scheduler: SchedulerConfig
@@ -146,6 +179,10 @@ class Manifest:
     tokenizer: dict[str, Any]  # {"path": "tokenizer", "files": [FileEntry...], "max_length": 77}
     guidance_embedding_dim: int | None = None  # LCM: the U-Net takes w as a sinusoidal embedding instead of CFG
     provenance: dict[str, Any] = field(default_factory=dict)
+    # In order; their hidden states are concatenated on the feature axis (SDXL: CLIP-L then OpenCLIP-bigG).
+    text_encoders: tuple[TextEncoder, ...] = (TextEncoder(),)
+    tokenizer_2: dict[str, Any] | None = None  # a second encoder's tokenizer, as `tokenizer`
+    added_conditions: AddedConditions | None = None  # SDXL only
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -153,8 +190,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict) -> Manifest:
-        tok = dict(d["tokenizer"])
-        tok["files"] = tuple(FileEntry(**f) for f in tok.get("files", ()))
+        tok, tok2 = _tokenizer_from_json(d["tokenizer"]), d.get("tokenizer_2")
+        encoders, added = d.get("text_encoders"), d.get("added_conditions")
         return cls(
             family=d["family"],
             preset=d["preset"],
@@ -167,11 +204,27 @@ class Manifest:
             tokenizer=tok,
             guidance_embedding_dim=d.get("guidance_embedding_dim"),
             provenance=dict(d.get("provenance", {})),
+            text_encoders=tuple(TextEncoder.from_json(e) for e in encoders) if encoders else (TextEncoder(),),
+            tokenizer_2=_tokenizer_from_json(tok2) if tok2 else None,
+            added_conditions=AddedConditions.from_json(added) if added else None,
         )
+
+    def tokenizer_entry(self, path: str) -> dict[str, Any]:
+        """The tokenizer record whose folder is `path`."""
+        for tok in (self.tokenizer, self.tokenizer_2):
+            if tok is not None and tok["path"] == path:
+                return tok
+        raise KeyError(f"no tokenizer {path!r} in the manifest")
 
     def all_files(self) -> list[FileEntry]:
         files = [f for c in self.components.values() for f in c.files]
-        return files + list(self.tokenizer.get("files", ()))
+        for tok in (self.tokenizer, self.tokenizer_2):
+            files += list(tok.get("files", ())) if tok else []
+        return files
+
+
+def _tokenizer_from_json(d: dict) -> dict[str, Any]:
+    return {**d, "files": tuple(FileEntry(**f) for f in d.get("files", ()))}
 
 
 def sha256_file(path: Path) -> str:

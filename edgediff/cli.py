@@ -199,8 +199,11 @@ def samplers():
               "load: only for files you trust).")
 @click.option("--tiny-vae", type=click.Path(path_type=Path), help="An AutoencoderTiny folder (TAESD, TAESDXL) "
               "exported as the decoder instead of the full VAE: fast previews, small devices.")
+@click.option("--clip-skip", type=click.IntRange(0), default=0, show_default=True,
+              help="Condition on the text encoder's hidden state N layers before the one the model takes, as "
+              "diffusers' clip_skip=N (baked into the exported text encoder and recorded in the manifest).")
 def export(src, out, preset, force, opset, precision, calibration_prompts, calibration_steps, calibration_size,
-           loras, allow_pickle, tiny_vae):
+           loras, allow_pickle, tiny_vae, clip_skip):
     """Export SRC (a diffusers checkpoint folder, a hub id, or a single-file checkpoint) to an ONNX bundle OUT.
 
     Each component is exported, then run on ONNX Runtime against PyTorch on the same inputs; the export fails
@@ -235,7 +238,8 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
             bar.update(1)
 
         manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, precision=precision,
-                                 calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae, progress=progress)
+                                 calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae,
+                                 clip_skip=clip_skip, progress=progress)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
 
 
@@ -314,6 +318,11 @@ def info(bundle, verify, as_json):
                f"{s.timestep_spacing} spacing (from {s.source_class or 'unknown'})")
     click.echo(f"  latents: {lat.channels} channels, 1/{lat.downscale} scale, factor {lat.scaling_factor:g}; "
                f"sizes in multiples of {m.size_multiple} px")
+    for e in m.text_encoders:
+        norm = " + final layer norm" if e.final_layer_norm else ""
+        skip = f", clip skip {e.clip_skip}" if e.clip_skip else ""
+        pooled = f", pooled {e.pooled_output}" if e.pooled_output else ""
+        click.echo(f"  text: {e.component} ({e.tokenizer}) hidden_states[{e.layer}]{norm}{skip}{pooled}")
     if m.guidance_embedding_dim:
         click.echo(f"  guidance: LCM embedding ({m.guidance_embedding_dim} dims) instead of CFG")
     for name, c in m.components.items():

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle import Defaults, LatentSpace, SchedulerConfig
+from ..bundle import AddedConditions, Defaults, LatentSpace, SchedulerConfig, TextEncoder
 
 PRESETS = ("standard", "turbo", "lcm", "lightning")
 TOKENIZER_FILES = (
@@ -20,7 +20,7 @@ TOKENIZER_FILES = (
 
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-HUB_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "*.safetensors"]
+HUB_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "*.safetensors"]
 
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -67,6 +67,7 @@ class Checkpoint:
     vae_config: dict
     text_config: dict
     scheduler_config: dict
+    text_config_2: dict | None = None  # SDXL's second encoder (OpenCLIP-bigG, with projection)
 
     @classmethod
     def open(cls, src: str | Path) -> Checkpoint:
@@ -89,13 +90,17 @@ class Checkpoint:
                 raise SourceError(f"{src}: incomplete diffusers pipeline ({sub}/{name} is missing)")
             return json.loads(path.read_text())
 
+        index = json.loads((root / "model_index.json").read_text())
+        if not _present(index, "text_encoder"):
+            raise SourceError(f"{src}: no text_encoder (an SDXL refiner?); only base text-to-image checkpoints export")
         return cls(
             root=root,
-            index=json.loads((root / "model_index.json").read_text()),
+            index=index,
             unet_config=config("unet"),
             vae_config=config("vae"),
             text_config=config("text_encoder"),
             scheduler_config=config("scheduler", "scheduler_config.json"),
+            text_config_2=config("text_encoder_2") if _present(index, "text_encoder_2") else None,
         )
 
     # --- what the checkpoint is -------------------------------------------------------------------------------
@@ -103,7 +108,9 @@ class Checkpoint:
     @property
     def family(self) -> str:
         if self.unet_config.get("addition_embed_type") == "text_time":
-            raise SourceError(f"{self.root}: SDXL-family checkpoints are not supported by this version of edgediff")
+            if self.text_config_2 is None:
+                raise SourceError(f"{self.root}: an SDXL U-Net without text_encoder_2; incomplete SDXL pipeline")
+            return "sdxl"
         # SD 2.x conditions on OpenCLIP-H (gelu, 1024 wide); SD 1.x on CLIP-L (quick_gelu, 768 wide).
         if self.unet_config.get("cross_attention_dim") == 1024 or self.text_config.get("hidden_act") == "gelu":
             return "sd2"
@@ -178,12 +185,42 @@ class Checkpoint:
             return Defaults("lcm", 4, 8.0 if self.guidance_embedding_dim else 1.0, side, side)
         return Defaults("euler", 20, 7.5, side, side)
 
-    def tokenizer_files(self) -> list[Path]:
-        folder = self.root / "tokenizer"
+    def text_encoders(self, clip_skip: int = 0) -> tuple[TextEncoder, ...]:
+        """Which hidden state each text encoder's graph outputs, as diffusers' pipeline for this family takes it
+        with `clip_skip`: SD takes hidden_states[-(clip_skip + 1)] through the final layer norm (0: the last
+        hidden state); SDXL takes hidden_states[-(clip_skip + 2)] without it, and encoder 2's projected pooled
+        output. (diffusers applies clip_skip to the prompt only, its negatives always take the default layer;
+        a bundle takes the same layer for both.)"""
+        sdxl = self.family == "sdxl"
+        base = 2 if sdxl else 1
+        for config in (self.text_config, self.text_config_2 if sdxl else None):
+            layers = int((config or {}).get("num_hidden_layers", 12))
+            if config is not None and not 0 <= clip_skip <= layers - base:
+                raise SourceError(f"--clip-skip {clip_skip}: this model's text encoder has {layers} layers; "
+                                  f"choose 0 to {layers - base}")
+        if not sdxl:
+            if not clip_skip:
+                return (TextEncoder(),)
+            return (TextEncoder(output="hidden_state", layer=-(clip_skip + 1), clip_skip=clip_skip),)
+        return tuple(
+            TextEncoder(component=name, tokenizer=tok, output="hidden_state", layer=-(clip_skip + 2),
+                        final_layer_norm=False, clip_skip=clip_skip, pooled_output=pooled)
+            for name, tok, pooled in (("text_encoder", "tokenizer", None), ("text_encoder_2", "tokenizer_2", "text_embeds"))
+        )
+
+    @property
+    def added_conditions(self) -> AddedConditions | None:
+        if self.family != "sdxl":
+            return None
+        return AddedConditions(force_zeros_for_empty_prompt=bool(self.index.get("force_zeros_for_empty_prompt", True)))
+
+    def tokenizer_files(self, folder_name: str = "tokenizer") -> list[Path]:
+        folder = self.root / folder_name
         files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
         has_model = any(f.name in ("tokenizer.json", "vocab.json") for f in files)
         if not has_model:
-            raise SourceError(f"{self.root}: no tokenizer (tokenizer/tokenizer.json or tokenizer/vocab.json + merges.txt)")
+            raise SourceError(f"{self.root}: no tokenizer ({folder_name}/tokenizer.json or {folder_name}/vocab.json "
+                              "+ merges.txt)")
         return files
 
     # --- loading components, one at a time -----------------------------------------------------------------
@@ -208,6 +245,12 @@ class Checkpoint:
                 raise
             raise SourceError(f"{self.root / name}: weights only as .bin pickles, which can run code when loaded; "
                               "pass --allow-pickle if you trust its source") from e
+
+
+def _present(index: dict, name: str) -> bool:
+    """Whether model_index.json lists `name` as a component (diffusers writes [null, null] for an absent one)."""
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
 def _download(repo_id: str) -> Path:

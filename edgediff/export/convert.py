@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..bundle import Component, FileEntry, Manifest, write_manifest
+from ..bundle import Component, FileEntry, Manifest, TextEncoder, write_manifest
 from . import specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
@@ -20,7 +21,8 @@ from .lora import check_components, fuse, parse_lora_arg, read_lora
 from .onnx import DEFAULT_OPSET, check_parity, export_component
 from .precision import PRECISIONS, convert_component
 
-# Which torch module each bundle component comes from, and the spec that exports it.
+# Which torch module each bundle component comes from, and the spec that exports it; the text encoders come
+# first, one per manifest TextEncoder record (plan_components).
 COMPONENTS: dict[str, tuple[str, Callable]] = {
     "text_encoder": ("text_encoder", specs.text_encoder_spec),
     "unet": ("unet", specs.unet_spec),
@@ -29,15 +31,25 @@ COMPONENTS: dict[str, tuple[str, Callable]] = {
 }
 
 
-def conversion_targets(precision: str) -> dict[str, str]:
+def plan_components(encoders: tuple[TextEncoder, ...]) -> dict[str, tuple[str, Callable]]:
+    """COMPONENTS with each text encoder's spec set to output the hidden state its record names."""
+    text = {
+        e.component: (e.component, functools.partial(specs.text_encoder_spec, name=e.component, layer=e.layer,
+                                                     final_layer_norm=e.final_layer_norm))
+        for e in encoders
+    }
+    return {**text, **{k: v for k, v in COMPONENTS.items() if k != "text_encoder"}}
+
+
+def conversion_targets(precision: str, components=COMPONENTS) -> dict[str, str]:
     """Which components a bundle precision converts, and to what; the rest stay fp32.
 
-    int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoder runs once per render and
+    int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoders run once per render and
     the VAE encoder only for img2img, so they keep fp32's accuracy."""
     if precision == "int8":
         return {"unet": "int8", "vae_decoder": "int8"}
     if precision == "fp16":
-        return {name: "fp16" for name in COMPONENTS}
+        return {name: "fp16" for name in components}
     return {}
 
 
@@ -82,6 +94,7 @@ def export_bundle(
     allow_pickle: bool = False,
     description: str | None = None,  # what the model is, shown by `edgediff info`
     tiny_vae: str | os.PathLike | None = None,  # an AutoencoderTiny folder (TAESD / TAESDXL) to decode with
+    clip_skip: int = 0,  # text encoder layers skipped, as diffusers' clip_skip: baked into the graph
     progress: Callable[[str], None] | None = None,  # called with each component's name once it is proven
 ) -> Manifest:
     """Export every component of `src`, prove each against PyTorch, and write the bundle to `out`.
@@ -89,20 +102,21 @@ def export_bundle(
     The bundle is assembled in a temporary folder beside `out` and renamed into place, so an interrupted export
     leaves nothing half-written; an existing `out` is replaced only with `force`. With `precision` fp16 or int8 the
     fp32 bundle is completed first; each converted component is then proven against its fp32 graph (int8: on
-    held-out denoising trajectories, after calibrating on the others)."""
+    held-out denoising trajectories, after calibrating on the others). `clip_skip` exports the text encoders so
+    that they output the hidden state diffusers' `clip_skip` takes, and the manifest records it."""
     out = Path(out)
     if precision not in PRECISIONS:
         raise SourceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if out.exists() and not force:
         raise SourceError(f"{out} already exists; pass --force to replace it")
     lora_files = [read_lora(*parse_lora_arg(str(a)), allow_pickle=allow_pickle) for a in loras]
+    options = (src, out, preset, opset, precision, calibration, lora_files, allow_pickle, tiny_vae, clip_skip,
+               description, progress)
     if Path(src).is_file():
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".source-") as folder:
             single_file_to_folder(Path(src), Path(folder), allow_pickle)
-            return _export(Checkpoint.open(folder), src, out, preset, force, opset, precision, calibration, lora_files,
-                           allow_pickle, tiny_vae, description, progress)
-    return _export(Checkpoint.open(src), src, out, preset, force, opset, precision, calibration, lora_files,
-                   allow_pickle, tiny_vae, description, progress)
+            return _export(Checkpoint.open(folder), *options)
+    return _export(Checkpoint.open(src), *options)
 
 
 def _load_tiny_vae(folder, ck: Checkpoint):
@@ -120,13 +134,15 @@ def _load_tiny_vae(folder, ck: Checkpoint):
     return module, specs.tiny_vae_decoder_spec(module, ck.latent.scaling_factor, ck.latent.shift_factor)
 
 
-def _export(ck, src, out, preset, force, opset, precision, calibration, loras, allow_pickle, tiny_vae, description,
-            progress) -> Manifest:
-    check_components(loras, {"unet", "text_encoder"})
+def _export(ck, src, out, preset, opset, precision, calibration, loras, allow_pickle, tiny_vae, clip_skip,
+            description, progress) -> Manifest:
+    encoders = ck.text_encoders(clip_skip)
+    plan = plan_components(encoders)
+    check_components(loras, {"unet", *(e.component for e in encoders)})
     preset = ck.preset(preset)
     family = ck.family
     scheduler, prediction_type = ck.scheduler(preset)
-    tokenizer_files = ck.tokenizer_files()
+    tokenizers = {e.tokenizer: ck.tokenizer_files(e.tokenizer) for e in encoders}
     trace_dims, gate_dims = _gate_shapes(ck)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +151,7 @@ def _export(ck, src, out, preset, force, opset, precision, calibration, loras, a
     tmp.mkdir()
     try:
         components, component_specs = {}, {}
-        for name, (source, make_spec) in COMPONENTS.items():
+        for name, (source, make_spec) in plan.items():
             if name == "vae_decoder" and tiny_vae is not None:
                 module, spec = _load_tiny_vae(tiny_vae, ck)
             else:
@@ -159,9 +175,13 @@ def _export(ck, src, out, preset, force, opset, precision, calibration, loras, a
             )
             if progress:
                 progress(name)
-        (tmp / "tokenizer").mkdir()
-        for f in tokenizer_files:
-            shutil.copyfile(f, tmp / "tokenizer" / f.name)
+        records = {}
+        for folder, files in tokenizers.items():
+            (tmp / folder).mkdir()
+            for f in files:
+                shutil.copyfile(f, tmp / folder / f.name)
+            records[folder] = {"path": folder, "kind": "clip",
+                               "files": tuple(FileEntry.of(tmp, f"{folder}/{f.name}") for f in files)}
         manifest = Manifest(
             family=family,
             preset=preset,
@@ -171,11 +191,10 @@ def _export(ck, src, out, preset, force, opset, precision, calibration, loras, a
             size_multiple=ck.size_multiple,
             defaults=ck.defaults(preset),
             components=components,
-            tokenizer={
-                "path": "tokenizer",
-                "kind": "clip",
-                "files": tuple(FileEntry.of(tmp, f"tokenizer/{f.name}") for f in tokenizer_files),
-            },
+            tokenizer=records["tokenizer"],
+            tokenizer_2=records.get("tokenizer_2"),
+            text_encoders=encoders,
+            added_conditions=ck.added_conditions,
             guidance_embedding_dim=ck.guidance_embedding_dim,
             provenance={
                 "source": str(src),
@@ -203,7 +222,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
     """Convert the fp32 bundle in `tmp` to `precision`, component by component, each gated against fp32."""
     import torch
 
-    targets = conversion_targets(precision)
+    targets = conversion_targets(precision, manifest.components)
     records = {}
     provenance = dict(manifest.provenance, precision=precision)
     if precision == "int8":

@@ -56,6 +56,7 @@ GATES: dict[str, dict[str, Gate]] = {
     "fp16": {
         # fp16 carries 11 bits: ~1e-3 per op, compounded over a few dozen layers on the U-Net's path
         "text_encoder": Gate(relative=2e-2, min_psnr_db=40.0),
+        "text_encoder_2": Gate(relative=2e-2, min_psnr_db=40.0),
         "unet": Gate(relative=3e-2, min_psnr_db=40.0),
         "vae_decoder": Gate(relative=2e-2, min_psnr_db=40.0),
         "vae_encoder": Gate(relative=2e-2, min_psnr_db=40.0),
@@ -109,7 +110,7 @@ def gate(
 def fp16_islands(component: str, model: onnx.ModelProto, *, upcast_attention: bool) -> list[str]:
     """Op types kept in fp32 for this component."""
     islands = list(NORMALISATIONS)
-    if component == "text_encoder" or upcast_attention:
+    if component.startswith("text_encoder") or upcast_attention:
         islands.append("Softmax")
     present = {n.op_type for n in model.graph.node}
     return [op for op in islands if op in present]

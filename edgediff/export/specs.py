@@ -30,28 +30,47 @@ class ComponentSpec:
 
 
 class _TextEncoder(torch.nn.Module):
-    def __init__(self, model):
+    """Outputs the hidden state the U-Net is conditioned on, so the runtime never picks layers: hidden_states[layer],
+    through the final layer norm where the source pipeline applies it (SD's clip skip does, SDXL does not)."""
+
+    def __init__(self, model, layer: int, final_layer_norm: bool):
         super().__init__()
         self.model = model
+        self.layer = layer
+        self.final_layer_norm = final_layer_norm
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        last = self.layer == -1 and self.final_layer_norm
+        out = self.model(input_ids=input_ids, output_hidden_states=not last, return_dict=True)
+        # CLIPTextModelWithProjection's first output is its projected pooled embedding (text_embeds)
+        pooled = out[0] if hasattr(self.model, "text_projection") else out.pooler_output
+        if last:
+            return out.last_hidden_state, pooled
+        hidden = out.hidden_states[self.layer]
+        if self.final_layer_norm:
+            # transformers 5 flattened CLIPTextModel (no .text_model); CLIPTextModelWithProjection keeps it
+            hidden = getattr(self.model, "text_model", self.model).final_layer_norm(hidden)
+        return hidden, pooled
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet, with_cond: bool):
+    """Positional inputs in spec order; SDXL's `text_embeds` and `time_ids` become diffusers' added_cond_kwargs."""
+
+    def __init__(self, unet, names: tuple[str, ...]):
         super().__init__()
         self.unet = unet
-        self.with_cond = with_cond
+        self.names = names
 
-    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        extra = dict(zip(self.names[3:], rest))
+        added = {k: extra[k] for k in ("text_embeds", "time_ids") if k in extra}
         return (
             self.unet(
                 sample,
                 timestep,
                 encoder_hidden_states=encoder_hidden_states,
-                timestep_cond=timestep_cond if self.with_cond else None,
+                timestep_cond=extra.get("timestep_cond"),
+                added_cond_kwargs=added or None,
                 return_dict=False,
             )[0],
         )
@@ -85,10 +104,13 @@ def _randn(shape, g):
     return torch.randn(*shape, generator=g)
 
 
-def text_encoder_spec(model) -> ComponentSpec:
+def text_encoder_spec(model, name: str = "text_encoder", layer: int = -1, final_layer_norm: bool = True) -> ComponentSpec:
+    """`layer` and `final_layer_norm` choose the hidden state the graph outputs (see _TextEncoder); the output is
+    called last_hidden_state only when it is that, else hidden_state."""
     cfg = model.config
-    pooled = getattr(cfg, "projection_dim", None) if hasattr(model, "text_projection") else None
-    pooled_dim = pooled or cfg.hidden_size
+    projected = hasattr(model, "text_projection")
+    pooled_dim = cfg.projection_dim if projected else cfg.hidden_size
+    hidden_name = "last_hidden_state" if layer == -1 and final_layer_norm else "hidden_state"
 
     def sample(dims, g):
         ids = torch.randint(0, cfg.vocab_size - 2, (dims["batch"], dims["sequence"]), generator=g)
@@ -97,13 +119,13 @@ def text_encoder_spec(model) -> ComponentSpec:
         return {"input_ids": ids}
 
     return ComponentSpec(
-        name="text_encoder",
+        name=name,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
         outputs=(
-            TensorSpec("last_hidden_state", "float32", ("batch", "sequence", cfg.hidden_size)),
-            TensorSpec("pooler_output", "float32", ("batch", pooled_dim)),
+            TensorSpec(hidden_name, "float32", ("batch", "sequence", cfg.hidden_size)),
+            TensorSpec("text_embeds" if projected else "pooler_output", "float32", ("batch", pooled_dim)),
         ),
-        wrap=_TextEncoder,
+        wrap=lambda m: _TextEncoder(m, layer, final_layer_norm),
         sample=sample,
     )
 
@@ -111,11 +133,17 @@ def text_encoder_spec(model) -> ComponentSpec:
 def unet_spec(unet) -> ComponentSpec:
     cfg = unet.config
     cond_dim = cfg.time_cond_proj_dim
+    sdxl = cfg.addition_embed_type == "text_time"
     inputs = [
         TensorSpec("sample", "float32", ("batch", cfg.in_channels, "latent_height", "latent_width")),
         TensorSpec("timestep", "float32", ("batch",)),
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", cfg.cross_attention_dim)),
     ]
+    if sdxl:
+        # the pooled width is what the added embedding takes beyond its 6 sinusoidally embedded time ids
+        pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs += [TensorSpec("text_embeds", "float32", ("batch", pooled_dim)),
+                   TensorSpec("time_ids", "float32", ("batch", 6))]
     if cond_dim:
         inputs.append(TensorSpec("timestep_cond", "float32", ("batch", cond_dim)))
 
@@ -127,15 +155,20 @@ def unet_spec(unet) -> ComponentSpec:
             "timestep": torch.rand(b, generator=g) * 999.0,
             "encoder_hidden_states": _randn((b, dims["sequence"], cfg.cross_attention_dim), g),
         }
+        if sdxl:
+            feeds["text_embeds"] = _randn((b, pooled_dim), g)
+            # sizes and crops in pixels, as renders feed them
+            feeds["time_ids"] = torch.randint(0, 1025, (b, 6), generator=g).float()
         if cond_dim:
             feeds["timestep_cond"] = _randn((b, cond_dim), g)
         return feeds
 
+    names = tuple(t.name for t in inputs)
     return ComponentSpec(
         name="unet",
         inputs=tuple(inputs),
         outputs=(TensorSpec("out_sample", "float32", ("batch", cfg.out_channels, "latent_height", "latent_width")),),
-        wrap=lambda m: _UNet(m, with_cond=bool(cond_dim)),
+        wrap=lambda m: _UNet(m, names),
         sample=sample,
     )
 

@@ -29,6 +29,48 @@ TARGET_EMA = 0.95  # LCM's target network (Luo et al. 2023 use 0.95)
 HUBER_C = 1e-3  # the pseudo-Huber constant of diffusers' LCM distillation
 
 
+class ThreadTuner:
+    """Picks 1 or 2 torch threads by timing both, again and again, while training.
+
+    On this shared 2-core machine a step with 2 threads ran 0.8 s when it had the machine and 7-12 s while
+    another engineer's 2-thread benchmark ran (every op's thread barrier waits for a descheduled thread); one
+    thread ran 2 s in both cases, and ~1.1 s alone. So every PERIOD steps a few steps run at the other count,
+    and the faster count is kept. (Float sums may round differently with another thread count, so a resumed
+    run is exact only up to such rounding.)"""
+
+    PERIOD = 150
+    PROBE = 3
+
+    def __init__(self, max_threads: int, log: Callable[[str], None]):
+        self.max_threads = max_threads
+        self.current = max_threads
+        self.recent: list[float] = []
+        self.probe: list[float] = []
+        self.since = 0
+        self.log = log
+        torch.set_num_threads(self.current)
+
+    def record(self, seconds: float) -> None:
+        if self.max_threads < 2:
+            return
+        if torch.get_num_threads() != self.current:  # probing the other count
+            self.probe.append(seconds)
+            usual = float(np.median(self.recent)) if self.recent else seconds
+            if len(self.probe) >= self.PROBE or seconds > 3 * usual:  # a hopeless probe stops early
+                trial = float(np.median(self.probe))
+                if trial < usual:
+                    self.log(f"threads {self.current} -> {torch.get_num_threads()} ({trial:.2f} s a step, was {usual:.2f})")
+                    self.current, self.recent = torch.get_num_threads(), [trial]
+                torch.set_num_threads(self.current)
+                self.probe, self.since = [], 0
+            return
+        self.recent = (self.recent + [seconds])[-20:]
+        self.since += 1
+        if self.since >= self.PERIOD:
+            torch.set_num_threads(3 - self.current)  # the other of 1 and 2
+            self.probe = []
+
+
 @dataclass
 class Loop:
     """What a stage's loop needs: its checkpoint, what goes in it, and one training step."""
@@ -40,6 +82,7 @@ class Loop:
     optimizers: dict[str, torch.optim.Optimizer]
     step: Callable[[int], float]  # runs optimizer step i, returns the loss
     checkpoint_seconds: float
+    max_threads: int = 2
 
     def run(self, resume: bool) -> None:
         start = 0
@@ -54,8 +97,11 @@ class Loop:
         bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc=self.name,
                    mininterval=1 if tty else 60, file=sys.stderr, dynamic_ncols=tty)
         began, saved, smooth = time.time(), time.time(), None
+        tuner = ThreadTuner(self.max_threads, lambda message: bar.write(f"[{self.name}] {message}"))
         for i in bar:
+            step_began = time.perf_counter()
             loss = self.step(i)
+            tuner.record(time.perf_counter() - step_began)
             smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
             bar.set_postfix(loss=f"{smooth:.4g}", refresh=False)
             if time.time() - saved > self.checkpoint_seconds and i + 1 < self.steps:

@@ -114,6 +114,10 @@ class Run:
             self.log(f"dataset: {len(self._data)} images ({time.time() - began:.0f} s)")
         return self._data
 
+    def _run(self, loop) -> None:
+        loop.max_threads = max(1, min(2, self.args.threads))
+        loop.run(self.args.resume)
+
     def latents(self):
         import numpy as np
 
@@ -128,7 +132,7 @@ class Run:
         if not (self.out / "vae").is_dir():
             vae, loop = vae_loop(self.model, self.data, c.seed, c.vae_steps, c.vae_batch, c.vae_lr,
                                  self.out / "state-vae.safetensors", self.checkpoint_seconds)
-            loop.run(self.args.resume)
+            self._run(loop)
             tmp = _scratch(self.out, "vae")
             vae.save_pretrained(tmp, safe_serialization=True)
             _publish(tmp, self.out / "vae")
@@ -157,7 +161,7 @@ class Run:
         (text_encoder, unet), loop = teacher_loop(self.model, self.data, self.latents(), c.seed, c.teacher_steps,
                                                   c.teacher_batch, c.teacher_lr, self.out / "state-teacher.safetensors",
                                                   self.checkpoint_seconds)
-        loop.run(self.args.resume)
+        self._run(loop)
         tmp = _scratch(self.out, "teacher")
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -181,7 +185,7 @@ class Run:
         student, loop = distill_loop(self.model, self.data, self.latents(), text_encoder, teacher, c.seed,
                                      c.distill_steps, c.distill_batch, c.distill_lr,
                                      self.out / "state-distill.safetensors", self.checkpoint_seconds)
-        loop.run(self.args.resume)
+        self._run(loop)
         tmp = _scratch(self.out, "student")
         student.save_pretrained(tmp / "unet", safe_serialization=True)
         _publish(tmp, self.out / "student")

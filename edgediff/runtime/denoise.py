@@ -10,14 +10,15 @@ sigmas (x = (1 - t) x0 + t noise): their input is not scaled and their velocity 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
-UNet = Callable[..., dict]  # a Session: (sample, timestep, encoder_hidden_states[, timestep_cond]) -> {"out_sample"}
+# a Session: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond]) -> {"out_sample"}
+UNet = Callable[..., dict]
 
 
 def to_x0(prediction: np.ndarray, x: np.ndarray, sigma: float, prediction_type: str) -> np.ndarray:
@@ -60,10 +61,17 @@ class Conditioning:
     uncond: np.ndarray | None = None  # (B, S, D) when classifier-free guidance runs
     guidance_scale: float = 1.0
     timestep_cond: np.ndarray | None = None  # (B, P): LCM's guidance embedding
+    # SDXL's added conditions by U-Net input name (text_embeds, time_ids), per image; the uncond half's under CFG
+    added: dict[str, np.ndarray] = field(default_factory=dict)
+    added_uncond: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         # Built once per render, not per step: the CFG batch is [uncond, cond], as diffusers orders it.
-        self.batched = self.cond if self.uncond is None else np.concatenate([self.uncond, self.cond])
+        cfg = self.uncond is not None
+        self.batched = np.concatenate([self.uncond, self.cond]) if cfg else self.cond
+        self.added_batched = {
+            k: np.concatenate([self.added_uncond[k], v]) if cfg else v for k, v in self.added.items()
+        }
 
 
 def make_denoiser(
@@ -81,7 +89,7 @@ def make_denoiser(
     c = conditioning
     cfg = c.uncond is not None
     flow = prediction_type == "flow"
-    feeds = {"encoder_hidden_states": c.batched}
+    feeds = {"encoder_hidden_states": c.batched, **c.added_batched}
     if c.timestep_cond is not None:
         feeds["timestep_cond"] = c.timestep_cond
     inputs: dict[tuple, np.ndarray] = {}  # the U-Net's input buffer, reused every step (the session copies it)

@@ -21,9 +21,9 @@ from . import schedules
 from .denoise import Conditioning, guidance_embedding, make_denoiser
 from .images import decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
 from .noise import make_noise
+from .prompts import Embeddings, PromptEncoder, time_ids
 from .samplers import SAMPLERS, SamplerInfo, resolve
 from .sessions import OrtSession
-from .tokenizers import ClipTokenizer
 
 
 MEMORY_MODES = ("normal", "low")
@@ -89,10 +89,11 @@ class Pipeline:
         self.backend = backend
         self.threads = threads
         self.memory = memory
-        self.tokenizer = ClipTokenizer.from_dir(root / manifest.tokenizer["path"])
+        self.prompt_encoder = PromptEncoder(root, manifest)
+        self.tokenizer = self.prompt_encoder.first_tokenizer
         self._sessions: dict[str, OrtSession] = {}
         if memory == "normal":
-            for name in ("text_encoder", "unet", "vae_decoder"):
+            for name in (*(e.component for e in manifest.text_encoders), "unet", "vae_decoder"):
                 self.session(name)
 
     @classmethod
@@ -134,23 +135,12 @@ class Pipeline:
 
     # --- stages -----------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, warnings: list[str], timer: Timer):
-        """Text embeddings for the prompts (and the negatives, in the same encoder call)."""
-        t = time.perf_counter()
-        texts = prompts + (negatives or [])
-        batch = self.tokenizer.encode(texts)
-        for text, dropped in zip(texts, batch.dropped):
-            if dropped:
-                warnings.append(f"prompt truncated to {self.tokenizer.max_length} tokens; dropped: {dropped!r}")
-        for text in texts:
-            unknown = self.tokenizer.unknown_words(text)
-            if unknown:
-                warnings.append(f"words this model does not know (ignored): {', '.join(unknown)}")
-        t = timer.stage("tokenize", t)
-        hidden = self.session("text_encoder")(input_ids=batch.input_ids)["last_hidden_state"]
-        timer.stage("text_encoder", t)
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, warnings: list[str], timer: Timer
+                      ) -> tuple[Embeddings, Embeddings | None]:
+        """Text embeddings for the prompts (and the negatives, in the same encoder calls)."""
+        emb = self.prompt_encoder(prompts + (negatives or []), self.session, warnings, timer)
         n = len(prompts)
-        return hidden[:n], (hidden[n:] if negatives is not None else None)
+        return emb[:n], (emb[n:] if negatives is not None else None)
 
     def encode_image(self, image, width: int, height: int, noise) -> np.ndarray:
         """Init image -> latents, sampled from the VAE's posterior with the render's own noise stream."""
@@ -240,18 +230,28 @@ class Pipeline:
         prompts = _as_list(prompt)
         embedding_dim = self.manifest.guidance_embedding_dim
         cfg = guidance > 1.0 and not embedding_dim
-        negatives = _as_list(negative_prompt, len(prompts)) if cfg else None
+        added = self.manifest.added_conditions
+        # SDXL: no negative prompt at all (not an empty one) means zero negative embeddings, as in diffusers
+        zero_negatives = cfg and negative_prompt is None and added is not None and added.force_zeros_for_empty_prompt
+        negatives = _as_list(negative_prompt, len(prompts)) if cfg and not zero_negatives else None
         warnings: list[str] = []
         cond, uncond = self.encode_prompt(prompts, negatives, warnings, timer)
+        if zero_negatives:
+            uncond = cond.zeros_like()
         t = time.perf_counter()
-        n = num_images_per_prompt
-        cond = np.repeat(cond, n, axis=0)
-        uncond = np.repeat(uncond, n, axis=0) if uncond is not None else None
-        batch = cond.shape[0]
+        cond = cond.repeat(num_images_per_prompt)
+        uncond = uncond.repeat(num_images_per_prompt) if uncond is not None else None
+        batch = cond.hidden.shape[0]
         timestep_cond = (
             guidance_embedding(np.full(batch, guidance - 1.0, np.float32), embedding_dim) if embedding_dim else None
         )
-        conditioning = Conditioning(cond, uncond, guidance, timestep_cond)
+        extra, extra_uncond = {}, {}
+        if added is not None:
+            ids = time_ids(height, width, added.crops_coords_top_left, batch)
+            extra = {"text_embeds": cond.pooled, "time_ids": ids}
+            extra_uncond = {"text_embeds": uncond.pooled, "time_ids": ids} if uncond is not None else {}
+        conditioning = Conditioning(cond.hidden, uncond.hidden if uncond is not None else None, guidance,
+                                    timestep_cond, extra, extra_uncond)
 
         lat = self.manifest.latent
         shape = (batch, lat.channels, height // lat.downscale, width // lat.downscale)

@@ -1,0 +1,87 @@
+"""Prompts -> the U-Net's text conditioning, for one text encoder (SD 1.x / 2.x) or two (SDXL).
+
+Each encoder of the manifest has its own tokenizer and a graph that already outputs the hidden state the U-Net
+takes (the layer choice, clip skip included, was baked in at export). With several encoders their hidden states are
+concatenated on the feature axis, and the pooled embedding comes from the encoder that the manifest says gives it,
+as diffusers' StableDiffusionXLPipeline.encode_prompt does.
+
+Runtime module: numpy only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..bundle import Manifest
+from .tokenizers import ClipTokenizer
+
+
+@dataclass
+class Embeddings:
+    """Text conditioning for a batch of prompts: hidden states (B, S, D) and, for SDXL, pooled embeddings (B, P)."""
+
+    hidden: np.ndarray
+    pooled: np.ndarray | None = None
+
+    def __getitem__(self, rows: slice) -> Embeddings:
+        return Embeddings(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
+
+    def repeat(self, n: int) -> Embeddings:
+        return Embeddings(np.repeat(self.hidden, n, axis=0), None if self.pooled is None else np.repeat(self.pooled, n, axis=0))
+
+    def zeros_like(self) -> Embeddings:
+        """SDXL's force_zeros_for_empty_prompt: no negative prompt means all-zero negative embeddings."""
+        return Embeddings(np.zeros_like(self.hidden), None if self.pooled is None else np.zeros_like(self.pooled))
+
+
+class PromptEncoder:
+    """The manifest's tokenizers and text encoders, run in order; `session(name)` supplies each encoder's session."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.encoders = manifest.text_encoders
+        self.tokenizers = {
+            e.tokenizer: ClipTokenizer.from_dir(root / manifest.tokenizer_entry(e.tokenizer)["path"])
+            for e in self.encoders
+        }
+
+    @property
+    def first_tokenizer(self) -> ClipTokenizer:
+        return self.tokenizers[self.encoders[0].tokenizer]
+
+    def __call__(self, texts: list[str], session: Callable, warnings: list[str], timer) -> Embeddings:
+        hidden, pooled = [], None
+        for i, encoder in enumerate(self.encoders):
+            t = time.perf_counter()
+            tokenizer = self.tokenizers[encoder.tokenizer]
+            batch = tokenizer.encode(texts)
+            if i == 0:  # every encoder sees the same text: report what was lost once
+                _warn(tokenizer, texts, batch.dropped, warnings)
+            t = timer.stage("tokenize", t)
+            out = session(encoder.component)(input_ids=batch.input_ids)
+            hidden.append(out[encoder.output])
+            if encoder.pooled_output:
+                pooled = out[encoder.pooled_output]
+            timer.stage("text_encoder", t)
+        return Embeddings(hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1), pooled)
+
+
+def _warn(tokenizer: ClipTokenizer, texts: list[str], dropped: list[str], warnings: list[str]) -> None:
+    for text, cut in zip(texts, dropped):
+        if cut:
+            warnings.append(f"prompt truncated to {tokenizer.max_length} tokens; dropped: {cut!r}")
+    for text in texts:
+        unknown = tokenizer.unknown_words(text)
+        if unknown:
+            warnings.append(f"words this model does not know (ignored): {', '.join(unknown)}")
+
+
+def time_ids(height: int, width: int, crops_top_left: tuple[int, int], batch: int) -> np.ndarray:
+    """SDXL's size conditioning per image: original size, crop top-left, target size, each (height, width); the
+    original and target sizes are the render's, as diffusers defaults them."""
+    row = np.array([height, width, *crops_top_left, height, width], dtype=np.float32)
+    return np.repeat(row[None, :], batch, axis=0)
