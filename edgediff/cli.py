@@ -212,7 +212,7 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
     try:
         from .export.calibrate import Calibration
         from .export.checkpoint import SourceError
-        from .export.convert import COMPONENTS, conversion_targets, export_bundle
+        from .export.convert import export_bundle
         from .export.onnx import ParityError
     except ImportError as e:
         click.echo(f"error: export needs the export extra ({e.name} is missing); pip install 'edgediff[export]'", err=True)
@@ -231,11 +231,11 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
             click.echo(f"error: {calibration_prompts}: give at least 2 prompts (the last one only gates)", err=True)
             sys.exit(USAGE_ERROR)
         calibration = Calibration(prompts=prompts, steps=calibration_steps, size=calibration_size)
-    total = len(COMPONENTS) + len(conversion_targets(precision))
-    with _one_line_errors(SourceError, ParityError), tqdm(total=total, desc="export", unit="component") as bar:
-        def progress(name):
+    with _one_line_errors(SourceError, ParityError), tqdm(desc="export", unit="component", delay=0.5) as bar:
+        def progress(name, done, total):
+            bar.total = total
             bar.set_postfix_str(f"{name} proven")
-            bar.update(1)
+            bar.update(done - bar.n)
 
         manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, precision=precision,
                                  calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae,

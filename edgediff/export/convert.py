@@ -81,6 +81,24 @@ def _versions() -> dict[str, str]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """Everything `export_bundle` was asked for, past the source checkpoint."""
+
+    src: str | os.PathLike
+    out: Path
+    preset: str | None
+    opset: int
+    precision: str
+    calibration: Calibration | None
+    loras: tuple  # LoRA files read and checked, fused in order
+    allow_pickle: bool
+    tiny_vae: str | os.PathLike | None
+    clip_skip: int
+    description: str | None
+    progress: Callable[[str, int, int], None] | None
+
+
 def export_bundle(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -95,7 +113,7 @@ def export_bundle(
     description: str | None = None,  # what the model is, shown by `edgediff info`
     tiny_vae: str | os.PathLike | None = None,  # an AutoencoderTiny folder (TAESD / TAESDXL) to decode with
     clip_skip: int = 0,  # text encoder layers skipped, as diffusers' clip_skip: baked into the graph
-    progress: Callable[[str], None] | None = None,  # called with each component's name once it is proven
+    progress: Callable[[str, int, int], None] | None = None,  # (what was proven, steps done, steps in all)
 ) -> Manifest:
     """Export every component of `src`, prove each against PyTorch, and write the bundle to `out`.
 
@@ -110,13 +128,13 @@ def export_bundle(
     if out.exists() and not force:
         raise SourceError(f"{out} already exists; pass --force to replace it")
     lora_files = [read_lora(*parse_lora_arg(str(a)), allow_pickle=allow_pickle) for a in loras]
-    options = (src, out, preset, opset, precision, calibration, lora_files, allow_pickle, tiny_vae, clip_skip,
-               description, progress)
+    options = ExportOptions(src, out, preset, opset, precision, calibration, tuple(lora_files), allow_pickle,
+                            tiny_vae, clip_skip, description, progress)
     if Path(src).is_file():
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".source-") as folder:
             single_file_to_folder(Path(src), Path(folder), allow_pickle)
-            return _export(Checkpoint.open(folder), *options)
-    return _export(Checkpoint.open(src), *options)
+            return _export(Checkpoint.open(folder), options)
+    return _export(Checkpoint.open(src), options)
 
 
 def _load_tiny_vae(folder, ck: Checkpoint):
@@ -134,17 +152,27 @@ def _load_tiny_vae(folder, ck: Checkpoint):
     return module, specs.tiny_vae_decoder_spec(module, ck.latent.scaling_factor, ck.latent.shift_factor)
 
 
-def _export(ck, src, out, preset, opset, precision, calibration, loras, allow_pickle, tiny_vae, clip_skip,
-            description, progress) -> Manifest:
-    encoders = ck.text_encoders(clip_skip)
+def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
+    encoders = ck.text_encoders(o.clip_skip)
     plan = plan_components(encoders)
-    check_components(loras, {"unet", *(e.component for e in encoders)})
-    preset = ck.preset(preset)
+    check_components(o.loras, {"unet", *(e.component for e in encoders)})
+    total = len(plan) + len(conversion_targets(o.precision, plan))
+
+    done = 0
+
+    def proven(what: str) -> None:
+        nonlocal done
+        done += 1
+        if o.progress:
+            o.progress(what, done, total)
+
+    preset = ck.preset(o.preset)
     family = ck.family
     scheduler, prediction_type = ck.scheduler(preset)
     tokenizers = {e.tokenizer: ck.tokenizer_files(e.tokenizer) for e in encoders}
     trace_dims, gate_dims = _gate_shapes(ck)
 
+    out = o.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -152,14 +180,14 @@ def _export(ck, src, out, preset, opset, precision, calibration, loras, allow_pi
     try:
         components, component_specs = {}, {}
         for name, (source, make_spec) in plan.items():
-            if name == "vae_decoder" and tiny_vae is not None:
-                module, spec = _load_tiny_vae(tiny_vae, ck)
+            if name == "vae_decoder" and o.tiny_vae is not None:
+                module, spec = _load_tiny_vae(o.tiny_vae, ck)
             else:
-                module = ck.load(source, allow_pickle)
-                fuse(module, source, loras)
+                module = ck.load(source, o.allow_pickle)
+                fuse(module, source, o.loras)
                 spec = make_spec(module)
             path = tmp / name / "model.onnx"
-            written, ort_options = export_component(module, spec, trace_dims, path, opset=opset)
+            written, ort_options = export_component(module, spec, trace_dims, path, opset=o.opset)
             parity = check_parity(module, spec, path, gate_dims, ort_options=ort_options)
             component_specs[name] = spec  # its sample inputs feed the fp16 gate; it holds no weights
             del module
@@ -173,8 +201,7 @@ def _export(ck, src, out, preset, opset, precision, calibration, loras, allow_pi
                 parity=parity,
                 ort_options=ort_options,
             )
-            if progress:
-                progress(name)
+            proven(name)
         records = {}
         for folder, files in tokenizers.items():
             (tmp / folder).mkdir()
@@ -197,19 +224,19 @@ def _export(ck, src, out, preset, opset, precision, calibration, loras, allow_pi
             added_conditions=ck.added_conditions,
             guidance_embedding_dim=ck.guidance_embedding_dim,
             provenance={
-                "source": str(src),
-                **({"description": description} if description else {}),
+                "source": str(o.src),
+                **({"description": o.description} if o.description else {}),
                 "source_pipeline": ck.index.get("_class_name"),
-                "opset": opset,
-                "loras": [lora.provenance() for lora in loras],
-                "vae_decoder": f"AutoencoderTiny from {tiny_vae}" if tiny_vae else "the checkpoint's VAE",
+                "opset": o.opset,
+                "loras": [lora.provenance() for lora in o.loras],
+                "vae_decoder": f"AutoencoderTiny from {o.tiny_vae}" if o.tiny_vae else "the checkpoint's VAE",
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "versions": _versions(),
             },
         )
         write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
-        if precision != "fp32":
-            manifest = _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, progress)
+        if o.precision != "fp32":
+            manifest = _convert(tmp, manifest, o.precision, ck, component_specs, gate_dims, o.calibration, proven)
             write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:
@@ -218,7 +245,7 @@ def _export(ck, src, out, preset, opset, precision, calibration, loras, allow_pi
     return manifest
 
 
-def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, progress) -> Manifest:
+def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, proven) -> Manifest:
     """Convert the fp32 bundle in `tmp` to `precision`, component by component, each gated against fp32."""
     import torch
 
@@ -257,8 +284,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
             conversion=details,
         )
         gc.collect()
-        if progress:
-            progress(f"{name} {target}")
+        proven(f"{name} {target}")
     return dataclasses.replace(manifest, components=components, provenance=provenance)
 
 
