@@ -36,6 +36,13 @@ ORIGINAL_INFERENCE_STEPS = 20
 # Guidance w (the teacher's CFG scale is 1 + w) the student is conditioned on; the exporter's lcm default,
 # guidance 8.0, is w = 7, inside the range.
 GUIDANCE_RANGE = (1.0, 9.0)
+DESCRIPTION = (
+    "edgediff's built-in model: coloured circles, squares and triangles (red, yellow, green, cyan, blue, purple), "
+    "one or two, left of / right of / above / below each other, 32x32 px; trained on CPU from a seed by "
+    "python -m edgediff.models.train, LCM-distilled for 4 steps"
+)
+# The bundle's default guidance (w + 1), chosen by evaluation of the distilled student; None keeps the exporter's.
+DEFAULT_GUIDANCE: float | None = None
 PREDICTION_TYPE = "v_prediction"  # well conditioned at t=999, where one-step LCM sampling starts
 
 

@@ -53,6 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", default="all", choices=("all", "data", *STAGES, "export-teacher"))
     p.add_argument("--resume", action="store_true", help="continue a stage interrupted in DIR")
     p.add_argument("--bundle-out", type=Path, help="where export writes the bundle (default DIR/bundle)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="export: the bundle's precision (int8 default folder: DIR/bundle-int8)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (at most 2 here)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     for f in fields(RunConfig):
@@ -88,6 +90,18 @@ def _scratch(out: Path, name: str) -> Path:
     tmp = out / f".{name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
+
+
+def _with_guidance(bundle: Path, manifest, guidance: float):
+    """The exporter's lcm default is LCM-Dreamshaper's guidance 8; this model renders best at its own (the
+    manifest's defaults are not part of any checksum, so this is a plain rewrite of manifest.json)."""
+    import dataclasses
+
+    from edgediff.bundle import write_manifest
+
+    manifest = dataclasses.replace(manifest, defaults=dataclasses.replace(manifest.defaults, guidance_scale=guidance))
+    write_manifest(bundle, manifest)
+    return manifest
 
 
 class Run:
@@ -194,21 +208,33 @@ class Run:
     def stage_export(self, teacher: bool = False) -> Path:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
+        from edgediff.export.calibrate import Calibration
         from edgediff.export.convert import export_bundle
 
         from . import architecture as arch
+        from .evaluate import prompts
 
         text_encoder, unet = self._teacher()
         if not teacher:
             unet = UNet2DConditionModel.from_pretrained(self.out / "student" / "unet")
-        name = "teacher" if teacher else ""
         pipeline = self.out / ("pipeline-teacher" if teacher else "pipeline")
         tmp = _scratch(self.out, pipeline.name)
         arch.save_pipeline(tmp, text_encoder, unet, AutoencoderKL.from_pretrained(self.out / "vae"), teacher=teacher)
         _publish(tmp, pipeline)
-        bundle = (self.out / "bundle-teacher") if teacher else (self.args.bundle_out or self.out / "bundle")
-        manifest = export_bundle(pipeline, bundle, preset="standard" if teacher else "lcm", force=True,
-                                 progress=lambda component: self.log(f"exported {name} {component}"))
+        precision = self.args.precision
+        default = self.out / ("bundle-teacher" if teacher else "bundle" if precision == "fp32" else f"bundle-{precision}")
+        bundle = default if teacher else (self.args.bundle_out or default)
+        staging = bundle.parent / f".{bundle.name}.export-{os.getpid()}"
+        # int8 ranges come from renders of the model's own grammar, not the exporter's photographic prompts.
+        calibration = Calibration(prompts=tuple(prompts("one", 4, 7) + prompts("two", 8, 7)), held_out=2)
+        manifest = export_bundle(
+            pipeline, staging, preset="standard" if teacher else "lcm", force=True, precision=precision,
+            calibration=calibration if precision == "int8" else None, description=arch.DESCRIPTION,
+            progress=lambda what, done, total: self.log(f"export: {what} proven ({done}/{total})"),
+        )
+        if not teacher and arch.DEFAULT_GUIDANCE is not None:
+            manifest = _with_guidance(staging, manifest, arch.DEFAULT_GUIDANCE)
+        _publish(staging, bundle)
         self.log(f"bundle written to {bundle} ({manifest.preset}, defaults {manifest.defaults})")
         return bundle
 
