@@ -62,8 +62,8 @@ class OrtSession:
         threads: int | None = None,
         lean: bool = False,
     ):
-        """`lean` trades a little speed for peak memory: no memory arena and no pre-planned activation block, so
-        what a call allocates goes back when the call ends (memory="low")."""
+        """`lean` trades a little speed for peak memory: no pre-packed weight copies, no memory arena and no
+        pre-planned activation block, so what a call allocates goes back when the call ends (memory="low")."""
         import onnxruntime as ort
 
         if backend not in BACKENDS:
@@ -105,9 +105,9 @@ def session_options(ort, chosen: dict, threads: int | None, lean: bool):
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
-    if chosen.get("disable_prepacking"):
-        # Pre-packing copies every weight into the GEMM kernels' layout at load: seconds and a second copy of
-        # memory-mapped weights, for no measured speed-up on these models (docs/loading.md).
+    if chosen.get("disable_prepacking") or lean:
+        # Pre-packing copies every GEMM weight into the kernel's layout at load: seconds, and a second copy of
+        # memory-mapped weights (1.2 GB for the SD U-Net); it pays back in speed only when memory is no object.
         options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
