@@ -1,0 +1,79 @@
+"""Load and run one bundle component under given ONNX Runtime options; print load/run time (wall and CPU) and RSS.
+
+The measurements behind docs/loading.md. Each run is its own process so that peak RSS is this session's alone:
+
+    for level in extended all; do for prepack in on off; do
+        python benchmarks/session_options.py benchmarks/bundles/sd-turbo unet --level $level --prepack $prepack
+    done; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgediff.bundle import read_manifest  # noqa: E402
+from edgediff.runtime.sessions import session_options  # noqa: E402
+
+SIZES = {"batch": 1, "sequence": 77, "latent_height": 64, "latent_width": 64, "height": 512, "width": 512}
+
+
+def feeds_for(component) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in component.inputs:
+        shape = [d if isinstance(d, int) else SIZES[d] for d in t.shape]
+        if t.dtype == "int64":
+            feeds[t.name] = rng.integers(0, 49000, shape).astype(np.int64)
+        elif t.name == "timestep":
+            feeds[t.name] = np.full(shape, 999.0, np.float32)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return feeds
+
+
+def clock(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bundle", type=Path)
+    p.add_argument("component")
+    p.add_argument("--level", choices=["disabled", "basic", "extended", "all"], default="all")
+    p.add_argument("--prepack", choices=["on", "off"], default="on")
+    p.add_argument("--lean", action="store_true", help="no memory arena, no memory pattern (memory='low')")
+    p.add_argument("--runs", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import onnxruntime as ort
+
+    component = read_manifest(args.bundle).components[args.component]
+    chosen = {"graph_optimization_level": args.level, "disable_prepacking": args.prepack == "off"}
+    options = session_options(ort, chosen, threads=None, lean=args.lean)
+    path = str(args.bundle / component.file)
+    session, load_wall, load_cpu = clock(lambda: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    feeds = feeds_for(component)
+    runs = [clock(lambda: session.run(None, feeds))[1:] for _ in range(args.runs)]
+    print(json.dumps({
+        "component": args.component, "level": args.level, "prepack": args.prepack, "lean": args.lean,
+        "load_s": load_wall, "load_cpu_s": load_cpu, "rss_after_load_bytes": rss_after_load,
+        "runs_s": [r[0] for r in runs], "runs_cpu_s": [r[1] for r in runs],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
