@@ -101,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--failures", type=Path, help="save up to 16 failing images per row here, for a look")
     args = p.parse_args(argv)
 
+    from edgediff.bundle import BundleError
     from edgediff.runtime.pipeline import Pipeline
 
-    from . import builtin_bundle
-
-    bundle = args.bundle or builtin_bundle()
-    if bundle is None:
-        print("no bundle given and no built-in model in this install; pass a bundle folder", file=sys.stderr)
+    try:
+        pipeline = Pipeline.load(args.bundle, threads=args.threads)  # None: the built-in model
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    pipeline = Pipeline.load(bundle, threads=args.threads)
+    bundle = pipeline.root
     m = pipeline.manifest
     precision = {name: c.precision for name, c in m.components.items()}
     sampler = args.sampler or m.defaults.sampler

@@ -49,16 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="default: the bundle's")
     args = p.parse_args(argv)
 
+    from edgediff.bundle import BundleError
     from edgediff.runtime.pipeline import Pipeline
 
-    from . import builtin_bundle
-
-    bundle = args.bundle or builtin_bundle()
-    if bundle is None:
-        print("no bundle given and no built-in model in this install; pass a bundle folder", file=sys.stderr)
+    try:
+        pipeline = Pipeline.load(args.bundle)  # None: the built-in model
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    image = grid(Pipeline.load(bundle), seeds=seeds, steps=args.steps)
+    image = grid(pipeline, seeds=seeds, steps=args.steps)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.output)
     print(f"wrote {args.output} ({image.width}x{image.height})")
