@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--prepack", choices=["on", "off"], default="on")
     p.add_argument("--lean", action="store_true", help="no memory arena, no memory pattern (memory='low')")
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--graph", type=Path, help="run this graph file instead of the component's (same inputs)")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -61,13 +62,13 @@ def main(argv=None) -> int:
     component = read_manifest(args.bundle).components[args.component]
     chosen = {"graph_optimization_level": args.level, "disable_prepacking": args.prepack == "off"}
     options = session_options(ort, chosen, threads=None, lean=args.lean)
-    path = str(args.bundle / component.file)
+    path = str(args.graph or args.bundle / component.file)
     session, load_wall, load_cpu = clock(lambda: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     feeds = feeds_for(component)
     runs = [clock(lambda: session.run(None, feeds))[1:] for _ in range(args.runs)]
     print(json.dumps({
-        "component": args.component, "level": args.level, "prepack": args.prepack, "lean": args.lean,
+        "component": args.component, "graph": path, "level": args.level, "prepack": args.prepack, "lean": args.lean,
         "load_s": load_wall, "load_cpu_s": load_cpu, "rss_after_load_bytes": rss_after_load,
         "runs_s": [r[0] for r in runs], "runs_cpu_s": [r[1] for r in runs],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

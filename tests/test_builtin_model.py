@@ -86,6 +86,20 @@ def test_caption_augmentations_keep_captions_well_formed():
     assert (out == ids[arch.UNK]).any() and (out == ids["."]).any()
 
 
+def test_scene_labels_are_canonical():
+    """The auxiliary loss's targets: a scene and its mirror statement ("b right of a") get the same label."""
+    from edgediff.models.data import LABEL_CLASSES, scene_labels
+    from edgediff.models.shapes import Scene, ShapeObject
+
+    red, blue = ShapeObject("circle", "red"), ShapeObject("square", "blue")
+    labels = scene_labels([Scene((red, blue), "left_of"), Scene((blue, red), "right_of"), Scene((red,), None),
+                           Scene((blue, red), "below")])
+    assert (labels[0] == labels[1]).all() and labels[0][0] == 1
+    assert labels[2].tolist() == [0, 0, 0, LABEL_CLASSES[3] - 1, LABEL_CLASSES[4] - 1]
+    assert labels[3].tolist()[:3] == [2, 0, 0]  # canonically "red circle above blue square"
+    assert (labels < np.array(LABEL_CLASSES)).all()
+
+
 def test_bundle_path_is_found_without_torch():
     script = (
         "import sys\n"

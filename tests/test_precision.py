@@ -101,3 +101,34 @@ def test_a_conversion_past_its_tolerance_fails_loudly_and_writes_nothing(checkpo
     with pytest.raises(ParityError, match="the fp16 graph differs from fp32"):
         export_bundle(checkpoint("sd1"), tmp_path / "out", precision="fp16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_activation_ranges_match_onnxruntimes_minmax_calibrator(bundle, tmp_path):
+    """edgediff computes MinMax ranges itself (a third of the memory); they must be the ones onnxruntime's own
+    calibrator would hand the quantizer: the same tensors, the same min and max."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data
+
+    from edgediff.bundle import read_manifest
+    from edgediff.export.quantize import QUANTIZED_OPS, activation_ranges
+
+    root = bundle("sd1")
+    path = root / read_manifest(root).components["vae_decoder"].file
+    rng = np.random.default_rng(0)
+    feeds = [{"latent_sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32) * s} for s in (0.5, 1, 2)]
+    ours = load_tensors_data(activation_ranges(path, feeds, tmp_path))
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    calibrator = create_calibrator(path, list(QUANTIZED_OPS), augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(Reader())
+    theirs = calibrator.compute_data()
+    assert set(ours.data) == set(theirs.data) and len(ours.data) > 10
+    for name in theirs.data:
+        np.testing.assert_allclose(ours[name].range_value, np.array(theirs[name].range_value).reshape(2), rtol=1e-6)
+    assert not list(path.parent.glob(".calibrate-*"))  # the augmented graph is not left in the bundle

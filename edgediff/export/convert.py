@@ -14,6 +14,7 @@ from typing import Callable
 
 from .. import __version__
 from ..bundle import Component, FileEntry, Manifest, TextEncoder, write_manifest
+from ..runtime import graph_cache
 from . import specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
@@ -188,7 +189,8 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
                 spec = make_spec(module)
             path = tmp / name / "model.onnx"
             written, ort_options = export_component(module, spec, trace_dims, path, opset=o.opset)
-            parity = check_parity(module, spec, path, gate_dims, ort_options=ort_options)
+            files = tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written)
+            parity = check_parity(module, spec, path, gate_dims, ort_options=ort_options, files=files)
             component_specs[name] = spec  # its sample inputs feed the fp16 gate; it holds no weights
             del module
             gc.collect()
@@ -197,7 +199,7 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
                 precision="fp32",
                 inputs=spec.inputs,
                 outputs=spec.outputs,
-                files=tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written),
+                files=files,
                 parity=parity,
                 ort_options=ort_options,
             )
@@ -268,6 +270,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
                 {k: v.numpy() for k, v in spec.sample(dims, torch.Generator().manual_seed(200 + i)).items()}
                 for i, dims in enumerate(gate_dims)
             ]
+        graph_cache.clear((tmp / c.file).parent)  # made from the fp32 graph, which is about to be replaced
         written, options, parity, details = convert_component(
             name, target, tmp / c.file, [t.name for t in c.outputs], c.ort_options, gate_feeds, calibration_feeds,
             upcast_attention=bool(ck.unet_config.get("upcast_attention")) and name == "unet",

@@ -19,7 +19,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..runtime.sessions import session_options
+from ..bundle import FileEntry
+from ..runtime import graph_cache
+from ..runtime.sessions import CACHE_OPTION, session_options
 from .specs import ComponentSpec
 
 DEFAULT_OPSET = 17
@@ -27,8 +29,9 @@ DEFAULT_OPSET = 17
 # ONNX Runtime memory-maps external data instead of parsing it out of the protobuf: a 1.4 GB text encoder loads in
 # 0.2 s instead of 2 s, and pages of weights are shared with the page cache (docs/loading.md).
 EXTERNAL_DATA_THRESHOLD = 64 * 1024**2
-# Past this much weight, ONNX Runtime's "all" level (NCHWc re-layout of every convolution weight) costs 8-17 s at
-# each load for no measured gain on the U-Net; "extended" keeps every fusion and loads in 0.3 s.
+# Past this much weight, ONNX Runtime's "all" level costs seconds at every load: a text encoder stays at "extended"
+# (no convolutions, so "all" adds nothing), a convolutional graph keeps "all" (12 % faster U-Net steps from the
+# NCHWc re-layout) and is loaded through runtime/graph_cache.py, which saves the optimised graph once per machine.
 LARGE_GRAPH_BYTES = 1024**3
 DATA_SUFFIX = ".data"
 
@@ -92,9 +95,10 @@ def export_component(
         gc.collect()
         model = onnx.load(str(traced))  # also pulls in the per-tensor files the exporter writes for big models
         written, weights = save_graph(model, path)
+        convolutional = any(n.op_type == "Conv" for n in model.graph.node)
         del model
         gc.collect()
-    return written, default_ort_options(weights)
+    return written, default_ort_options(weights, convolutional)
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> tuple[list[Path], int]:
@@ -119,11 +123,18 @@ def save_graph(model: onnx.ModelProto, path: Path) -> tuple[list[Path], int]:
     return written, weights
 
 
-def default_ort_options(weights: int) -> dict:
-    """Pre-packing stays on: it costs ~1-3 s at load but makes the text encoder 1.4x faster (docs/loading.md);
-    memory="low" sessions turn it off, since it keeps a second copy of the matrix weights."""
-    level = "extended" if weights > LARGE_GRAPH_BYTES else "all"
-    return {"graph_optimization_level": level, "disable_prepacking": False}
+def default_ort_options(weights: int, convolutional: bool = False) -> dict:
+    """How ONNX Runtime should load a graph of `weights` bytes (docs/loading.md).
+
+    Pre-packing stays on: it costs ~1-3 s at load but makes the text encoder 1.4x faster; memory="low" sessions
+    turn it off, since it keeps a second copy of the matrix weights. `convolutional`: float32 convolutions, which
+    the "all" level re-lays out for this CPU (fp16 graphs pass False: the re-layout is float32-only)."""
+    large = weights > LARGE_GRAPH_BYTES
+    options = {"graph_optimization_level": "extended" if large and not convolutional else "all",
+               "disable_prepacking": False}
+    if large and convolutional:
+        options[CACHE_OPTION] = True
+    return options
 
 
 def check_parity(
@@ -133,15 +144,20 @@ def check_parity(
     dims_list: list[dict[str, int]],
     tolerance: Tolerance | None = None,
     ort_options: dict | None = None,
+    files: tuple[FileEntry, ...] = (),
 ) -> dict:
     """Run the ONNX file and the torch module on the same inputs at each shape; raise ParityError past tolerance.
 
-    Returns what the manifest records: the worst error, the limit it was held to, and the shapes tried."""
+    `files` (the graph's manifest entries) let the gate load it through the graph cache, as the runtime will, which
+    leaves the graph optimised for this machine in the bundle. Returns what the manifest records: the worst error,
+    the limit it was held to, and the shapes tried."""
     tolerance = tolerance or FP32_TOLERANCE
+    ort_options = ort_options or {}
     wrapped = spec.wrap(module).eval()
     # the gate runs the graph exactly as the runtime will, optimisations included
-    options = session_options(ort, ort_options or {}, threads=None, lean=False)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options = session_options(ort, ort_options, threads=None, lean=False)
+    session = graph_cache.open_session(ort, path, files, options, ["CPUExecutionProvider"],
+                                       cache=bool(files and ort_options.get(CACHE_OPTION)))
     worst = {"max_abs_err": 0.0, "limit": 0.0, "output": None}
     for k, dims in enumerate(dims_list):
         feeds = spec.sample(dims, torch.Generator().manual_seed(100 + k))

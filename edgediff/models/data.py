@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import architecture as arch
-from .shapes import caption_for, make_dataset
+from .shapes import COLOURS, SHAPES, Scene, caption_for, make_dataset
 
 CAPTIONS_PER_IMAGE = 4  # paraphrases per image: the model must not tie an image to one wording
 TWO_OBJECT_FRACTION = 0.6  # pairs are the harder half of the task (binding, relation), so they get more data
@@ -26,12 +26,17 @@ UNKNOWN_WORD_P = 0.05  # an unknown word inserted somewhere: prompts with words 
 FULL_STOP_P = 0.1  # a final "."
 
 STAGE_CODES = {"vae": 1, "teacher": 2, "distill": 3}
+# What each image shows, in canonical form (stages.py's auxiliary loss teaches the text encoder to say it):
+# relation axis (none, horizontal, vertical), then colour and shape of the left or upper object, then of the
+# other one ("none" as the last class for a single object).
+LABEL_CLASSES = (3, len(COLOURS), len(SHAPES), len(COLOURS) + 1, len(SHAPES) + 1)
 
 
 @dataclass
 class Dataset:
     images: np.ndarray  # uint8 [n, 32, 32, 3]
     tokens: np.ndarray  # int64 [n, CAPTIONS_PER_IMAGE, MAX_LENGTH]
+    labels: np.ndarray  # int64 [n, len(LABEL_CLASSES)], see scene_labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -48,18 +53,33 @@ def load_or_make(folder: Path, n: int, seed: int) -> Dataset:
     """The dataset cached in `folder`, rendered first if missing (or made for a different n or seed)."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"n": n, "seed": seed, "captions_per_image": CAPTIONS_PER_IMAGE, "two_object_fraction": TWO_OBJECT_FRACTION,
-            "max_length": arch.MAX_LENGTH, "vocabulary": arch.vocabulary()}
+            "max_length": arch.MAX_LENGTH, "vocabulary": arch.vocabulary(), "label_classes": LABEL_CLASSES}
     meta_path = folder / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
-        return Dataset(np.load(folder / "images.npy"), np.load(folder / "tokens.npy"))
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == json.loads(json.dumps(meta)):
+        return Dataset(*(np.load(folder / f"{name}.npy") for name in ("images", "tokens", "labels")))
     images, _, scenes = make_dataset(n, seed, size=arch.IMAGE_SIZE, two_object_fraction=TWO_OBJECT_FRACTION)
     rng = np.random.default_rng([seed, 7])
     captions = [caption_for(scene, rng) for scene in scenes for _ in range(CAPTIONS_PER_IMAGE)]
     tokens = arch.encode_captions(captions).reshape(n, CAPTIONS_PER_IMAGE, arch.MAX_LENGTH)
+    labels = scene_labels(scenes)
     _save_npy(folder / "images.npy", images)
     _save_npy(folder / "tokens.npy", tokens)
+    _save_npy(folder / "labels.npy", labels)
     meta_path.write_text(json.dumps(meta) + "\n")
-    return Dataset(images, tokens)
+    return Dataset(images, tokens, labels)
+
+
+def scene_labels(scenes: list[Scene]) -> np.ndarray:
+    """Each scene as LABEL_CLASSES indices, in canonical form ("b right of a" is "a left of b")."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    rows = []
+    for scene in scenes:
+        scene = scene.canonical()
+        first, *rest = scene.objects
+        axis = {None: 0, "left_of": 1, "above": 2}[scene.relation]
+        second = (colours.index(rest[0].colour), shapes.index(rest[0].shape)) if rest else (len(colours), len(shapes))
+        rows.append((axis, colours.index(first.colour), shapes.index(first.shape), *second))
+    return np.array(rows, dtype=np.int64)
 
 
 def batch_rng(seed: int, stage: str, step: int) -> np.random.Generator:

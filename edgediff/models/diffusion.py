@@ -39,15 +39,6 @@ class NoiseSchedule:
         a, s = self._coefficients(t)
         return a * x_t - s * v, s * x_t + a * v
 
-    def min_snr_weight(self, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-        """Min-SNR-gamma loss weights for a v loss (Hang et al. 2023): min(snr, gamma) / (snr + 1).
-
-        Balances the timesteps' conflicting gradients; the paper reports ~3x faster convergence, which is
-        what a CPU budget needs."""
-        ac = self.alphas_cumprod[t]
-        snr = ac / (1.0 - ac)
-        return torch.clamp(snr, max=gamma) / (snr + 1.0)
-
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """LCM's sinusoidal embedding of w, exactly as runtime/denoise.py's `guidance_embedding` computes it."""

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import architecture as arch
 from . import checkpoints, data
@@ -27,6 +28,7 @@ EDGE_WEIGHT = 0.5  # an L1 loss on image gradients: crisp corners are what tell 
 TEACHER_EMA = 0.999
 TARGET_EMA = 0.95  # LCM's target network (Luo et al. 2023 use 0.95)
 HUBER_C = 1e-3  # the pseudo-Huber constant of diffusers' LCM distillation
+SCENE_WEIGHT = 0.5  # the auxiliary scene loss (a sum of 5 cross-entropies) against the v loss (~0.2 at the start)
 
 
 class ThreadTuner:
@@ -189,17 +191,28 @@ def reconstruction_check(vae, seed: int, n: int = 300) -> dict[str, float]:
 
 def teacher_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, seed: int, steps: int, batch: int,
                  lr: float, state_path: Path, checkpoint_seconds: float):
-    """v-prediction with min-SNR weighting; the text encoder learns along (there is no pretrained one)."""
+    """v-prediction, plain v loss; the text encoder learns along (there is no pretrained one), helped by an
+    auxiliary loss: a linear head (used in training only) must read the canonical scene off the eos state.
+
+    Without it the pair's order was a coin flip: after 2,800 steps colours and shapes were 95-99% right and the
+    relation's axis 99%, but which object went left or up only 45-53%, and a linear probe found no order in
+    the text encoder's eos state (52%, chance 50%) - the diffusion loss alone taught the encoder "vertical"
+    but not "red on top". Min-SNR weighting was also dropped: it gives the high-noise steps, where the layout
+    is decided, almost no weight (x0 loss weight ~snr there); in a 300-step trial from the same weights, plain
+    v moved the relation from 45% to 52% where min-SNR stayed at 45%."""
     torch.manual_seed(seed + 1)
     text_encoder = arch.build_text_encoder(cfg.text).train()
     unet = arch.build_unet(cfg.unet, cfg.text.hidden_size, student=False).train()
+    scene_head = torch.nn.Linear(cfg.text.hidden_size, sum(data.LABEL_CLASSES))
     ema_text, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     for p in [*ema_text.parameters(), *ema_unet.parameters()]:
         p.requires_grad_(False)
-    params = [*text_encoder.parameters(), *unet.parameters()]
+    params = [*text_encoder.parameters(), *unet.parameters(), *scene_head.parameters()]
     optimizer = _optimizer(params, lr, 0.01)
     schedule = NoiseSchedule()
     latents_t = torch.from_numpy(latents)
+    labels_t = torch.from_numpy(ds.labels)
+    eos = arch.token_ids()[arch.EOS]
 
     def step(i: int) -> float:
         _set_lr(optimizer, lr_at(i, steps, lr, WARMUP_STEPS))
@@ -208,10 +221,14 @@ def teacher_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, s
         g = torch.Generator().manual_seed(data.torch_seed(seed, "teacher", i))
         t = torch.randint(0, schedule.steps, (batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        hidden = text_encoder(input_ids=torch.from_numpy(ids)).last_hidden_state
-        v = unet(schedule.add_noise(x0, noise, t), t, hidden).sample
-        per_sample = (v - schedule.v_target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
-        loss = (schedule.min_snr_weight(t) * per_sample).mean()
+        encoded = text_encoder(input_ids=torch.from_numpy(ids))
+        v = unet(schedule.add_noise(x0, noise, t), t, encoded.last_hidden_state).sample
+        loss = (v - schedule.v_target(x0, noise, t)).pow(2).mean()
+        prompted = torch.from_numpy(ids[:, 1] != eos)  # the null prompt says nothing about the scene
+        logits = scene_head(encoded.pooler_output[prompted]).split(data.LABEL_CLASSES, dim=1)
+        wanted = labels_t[index][prompted]
+        scene = sum(F.cross_entropy(part, wanted[:, k]) for k, part in enumerate(logits))
+        loss = loss + SCENE_WEIGHT * scene
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -221,7 +238,8 @@ def teacher_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, s
         ema_update(ema_unet, unet, decay)
         return loss.item()
 
-    modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_text, "ema_unet": ema_unet}
+    modules = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_text, "ema_unet": ema_unet,
+               "scene_head": scene_head}
     loop = Loop("teacher", steps, state_path, modules, {"teacher": optimizer}, step, checkpoint_seconds)
     return (ema_text, ema_unet), loop
 

@@ -39,7 +39,7 @@ class RunConfig:
     vae_steps: int = 1200
     vae_batch: int = 64
     vae_lr: float = 1e-3
-    teacher_steps: int = 4000
+    teacher_steps: int = 5000
     teacher_batch: int = 128
     teacher_lr: float = 5e-4
     distill_steps: int = 1500

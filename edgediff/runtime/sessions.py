@@ -6,13 +6,13 @@ was expected, so a wrong feed fails with a sentence instead of an ONNX Runtime s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..bundle import BundleError, Component, TensorSpec
+from . import graph_cache
 
 BACKENDS = {
     "cpu": ["CPUExecutionProvider"],
@@ -22,6 +22,9 @@ BACKENDS = {
 
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+# ort_options key: load through graph_cache (the "all"-level graph saved once per machine), set by the export for
+# large convolutional graphs whose "all"-level optimisation would otherwise cost seconds at every load.
+CACHE_OPTION = "cache_optimized_graph"
 
 
 class FeedError(ValueError):
@@ -81,7 +84,8 @@ class OrtSession:
         self.outputs = component.outputs
         path = root / component.file
         try:
-            self._session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+            self._session = graph_cache.open_session(
+                ort, path, component.files, options, providers, cache=bool(component.ort_options.get(CACHE_OPTION)))
         except Exception as e:  # onnxruntime raises its own untyped errors for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None

@@ -1,0 +1,100 @@
+"""The "all"-level graph cache: written once, then loaded in place of the exported graph; keyed, rebuilt, optional."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgediff import Pipeline
+from edgediff.bundle import read_manifest
+from edgediff.runtime import graph_cache
+from edgediff.runtime.sessions import CACHE_OPTION, session_options
+
+ort = pytest.importorskip("onnxruntime")
+CPU = ["CPUExecutionProvider"]
+RENDER = dict(num_inference_steps=2, height=32, width=32, seed=3, output_type="np")
+
+
+def _open(root, name="unet", level="all"):
+    c = read_manifest(root).components[name]
+    options = session_options(ort, {"graph_optimization_level": level}, threads=None, lean=False)
+    return graph_cache.open_session(ort, root / c.file, c.files, options, CPU, cache=True)
+
+
+def _feeds(session):
+    rng = np.random.default_rng(0)
+    dims = {"batch": 2, "sequence": 77, "latent_height": 8, "latent_width": 8}
+    return {i.name: rng.standard_normal([d if isinstance(d, int) else dims[d] for d in i.shape]).astype(np.float32)
+            for i in session.get_inputs()}
+
+
+def _cached(root, name="unet"):
+    return list((root / name / graph_cache.CACHE_FOLDER).glob("*/model.onnx"))
+
+
+def test_first_load_writes_the_optimised_graph_and_later_loads_use_it(bundle_copy):
+    root = bundle_copy("sd1")
+    first = _open(root)
+    (cached,) = _cached(root)
+    feeds = _feeds(first)
+    expected = first.run(None, feeds)[0]
+    (root / "unet" / "model.onnx").write_bytes(b"not a graph any more")  # only the cache can serve now
+    again = _open(root)
+    np.testing.assert_allclose(again.run(None, feeds)[0], expected, rtol=1e-5, atol=1e-5)
+    assert _cached(root) == [cached]
+
+
+def test_a_damaged_cache_is_rebuilt(bundle_copy):
+    root = bundle_copy("sd1")
+    _open(root)
+    (cached,) = _cached(root)
+    cached.write_bytes(b"damaged")
+    session = _open(root)
+    assert session.run(None, _feeds(session))[0].shape == (2, 4, 8, 8)
+    (rebuilt,) = _cached(root)
+    assert rebuilt.read_bytes() != b"damaged"
+
+
+def test_no_cache_below_the_all_level_or_when_switched_off(bundle_copy, monkeypatch):
+    root = bundle_copy("sd1")
+    _open(root, level="extended")
+    assert not _cached(root)
+    monkeypatch.setenv(graph_cache.ENV_SWITCH, "off")
+    _open(root)
+    assert not _cached(root)
+
+
+def test_a_bundle_it_cannot_write_to_caches_in_the_users_folder(bundle_copy, tmp_path, monkeypatch):
+    root = bundle_copy("sd1")
+    (root / "unet" / graph_cache.CACHE_FOLDER).write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _open(root)
+    assert len(list((tmp_path / "xdg").glob("edgediff/ort-optimized/*/model.onnx"))) == 1
+
+
+def test_the_key_follows_the_graph_and_the_onnxruntime_version(bundle):
+    files = read_manifest(bundle("sd1")).components["unet"].files
+    other = read_manifest(bundle("sd1")).components["vae_decoder"].files
+    key = graph_cache.cache_key("1.32.0", files)
+    assert key == graph_cache.cache_key("1.32.0", files)
+    assert key != graph_cache.cache_key("1.33.0", files) and key != graph_cache.cache_key("1.32.0", other)
+
+
+def test_export_warms_the_cache_of_large_convolutional_graphs(checkpoint, tmp_path, monkeypatch):
+    """With every graph counted as large: convolutional graphs are cached at "all" by the export's own parity gate
+    (the bundle arrives optimised for this machine), the text encoder stays at "extended", and renders match."""
+    from edgediff.export import onnx as export_onnx
+    from edgediff.export.convert import export_bundle
+
+    monkeypatch.setattr(export_onnx, "LARGE_GRAPH_BYTES", 0)
+    out = tmp_path / "bundle"
+    export_bundle(checkpoint("sd1"), out)
+    components = read_manifest(out).components
+    assert components["unet"].ort_options == {"graph_optimization_level": "all", "disable_prepacking": False,
+                                              CACHE_OPTION: True}
+    assert components["text_encoder"].ort_options["graph_optimization_level"] == "extended"
+    assert CACHE_OPTION not in components["text_encoder"].ort_options
+    assert len(_cached(out, "unet")) == 1 and len(_cached(out, "vae_decoder")) == 1
+    cached = Pipeline.load(out)("a red cat", **RENDER).images
+    monkeypatch.setenv(graph_cache.ENV_SWITCH, "off")
+    np.testing.assert_allclose(Pipeline.load(out)("a red cat", **RENDER).images, cached, atol=1e-4)
