@@ -19,7 +19,7 @@ from . import specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
 from .lora import check_components, fuse, parse_lora_arg, read_lora
-from .onnx import DEFAULT_OPSET, check_parity, export_component
+from .onnx import DEFAULT_OPSET, check_graph, export_component, reference_outputs
 from .precision import PRECISIONS, convert_component
 
 # Which torch module each bundle component comes from, and the spec that exports it; the text encoders come
@@ -189,11 +189,13 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
                 spec = make_spec(module)
             path = tmp / name / "model.onnx"
             written, ort_options = export_component(module, spec, trace_dims, path, opset=o.opset)
-            files = tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written)
-            parity = check_parity(module, spec, path, gate_dims, ort_options=ort_options, files=files)
-            component_specs[name] = spec  # its sample inputs feed the fp16 gate; it holds no weights
-            del module
+            references = reference_outputs(module, spec, gate_dims)
+            del module  # before the graph is loaded: both at once would not fit for a full-size SDXL U-Net
             gc.collect()
+            files = tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written)
+            parity = check_graph(spec, path, references, ort_options=ort_options, files=files)
+            del references
+            component_specs[name] = spec  # its sample inputs feed the fp16 gate; it holds no weights
             components[name] = Component(
                 file=f"{name}/model.onnx",
                 precision="fp32",

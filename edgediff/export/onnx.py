@@ -34,6 +34,9 @@ EXTERNAL_DATA_THRESHOLD = 64 * 1024**2
 # NCHWc re-layout) and is loaded through runtime/graph_cache.py, which saves the optimised graph once per machine.
 LARGE_GRAPH_BYTES = 1024**3
 DATA_SUFFIX = ".data"
+INLINE_BYTES = 1024  # smaller tensors stay in the graph file, as onnx's own external-data writer does
+DATA_ALIGNMENT = 64  # each tensor in the data file starts on a cache line
+COPY_CHUNK = 64 * 1024**2
 
 
 class ParityError(RuntimeError):
@@ -93,34 +96,90 @@ def export_component(
             )
         del wrapped, args, feeds
         gc.collect()
-        model = onnx.load(str(traced))  # also pulls in the per-tensor files the exporter writes for big models
-        written, weights = save_graph(model, path)
+        # Only the graph is loaded: the weights the exporter wrote to per-tensor files (past 2 GiB) are streamed
+        # into the bundle's data file, so a 10 GB SDXL U-Net is never held twice next to its torch module.
+        model = onnx.load(str(traced), load_external_data=False)
+        written, weights = save_graph(model, path, source=Path(scratch))
         convolutional = any(n.op_type == "Conv" for n in model.graph.node)
         del model
         gc.collect()
     return written, default_ort_options(weights, convolutional)
 
 
-def save_graph(model: onnx.ModelProto, path: Path) -> tuple[list[Path], int]:
+def _tensors(model: onnx.ModelProto):
+    """The initializers, and node attribute tensors that an exporter already put in external files (the others
+    stay in the graph, as onnx's own writer leaves them)."""
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR and _external(attribute.t) is not None:
+                yield attribute.t
+
+
+def _external(tensor: onnx.TensorProto) -> dict[str, str] | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    info = _external(tensor)
+    return int(info["length"]) if info is not None and "length" in info else len(tensor.raw_data)
+
+
+def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None) -> tuple[list[Path], int]:
     """Save `model` as `path`, its weights in one `path.data` file past EXTERNAL_DATA_THRESHOLD.
 
-    Returns the files written and the weights' size in bytes. A stale data file from an earlier graph is removed."""
-    weights = sum(t.ByteSize() for t in model.graph.initializer)
-    external = weights > EXTERNAL_DATA_THRESHOLD
+    Tensors whose data is still in external files under `source` (the exporter's per-tensor files) are copied
+    across in chunks, never loaded whole. Returns the files written and the weights' size in bytes; a stale data
+    file from an earlier graph is replaced."""
+    tensors = [t for t in _tensors(model) if t.HasField("raw_data") or _external(t) is not None]
+    weights = sum(_nbytes(t) for t in tensors)
     data = path.with_name(path.name + DATA_SUFFIX)
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    written = [path, data] if external else [path]
+    data.unlink(missing_ok=True)
+    if weights > EXTERNAL_DATA_THRESHOLD:
+        with open(data, "wb") as out:
+            for t in tensors:
+                if _external(t) is None and len(t.raw_data) < INLINE_BYTES:
+                    continue
+                out.write(b"\0" * (-out.tell() % DATA_ALIGNMENT))
+                offset = out.tell()
+                _copy_tensor_data(t, source, out)
+                del t.external_data[:]
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", offset), ("length", out.tell() - offset)):
+                    t.external_data.add(key=key, value=str(value))
+        onnx.save_model(model, str(path))
+        written = [path, data]
+    else:
+        for t in tensors:
+            if _external(t) is not None:
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(source))
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+        onnx.save_model(model, str(path))
+        written = [path]
     for f in written:
-        f.chmod(0o644)  # onnx writes external data owner-only; a bundle is read by whoever renders
+        f.chmod(0o644)  # a bundle is read by whoever renders
     return written, weights
+
+
+def _copy_tensor_data(tensor: onnx.TensorProto, source: Path | None, out) -> None:
+    info = _external(tensor)
+    if info is None:
+        out.write(tensor.raw_data)
+        return
+    with open(Path(source) / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        left = int(info["length"]) if "length" in info else None
+        while left is None or left > 0:
+            chunk = f.read(COPY_CHUNK if left is None else min(COPY_CHUNK, left))
+            if not chunk:
+                break
+            out.write(chunk)
+            if left is not None:
+                left -= len(chunk)
 
 
 def default_ort_options(weights: int, convolutional: bool = False) -> dict:
@@ -137,35 +196,45 @@ def default_ort_options(weights: int, convolutional: bool = False) -> dict:
     return options
 
 
-def check_parity(
-    module: torch.nn.Module,
+def reference_outputs(module: torch.nn.Module, spec: ComponentSpec, dims_list: list[dict[str, int]]) -> list:
+    """PyTorch's outputs on the gate's inputs: a (dims, feeds, outputs) triple per shape, as NumPy arrays.
+
+    Computed before the graph is loaded, so that the caller can free the module first: a full-size SDXL U-Net and
+    its ONNX Runtime session (10 GB each) do not fit in 24 GB together."""
+    wrapped = spec.wrap(module).eval()
+    pairs = []
+    for k, dims in enumerate(dims_list):
+        feeds = spec.sample(dims, torch.Generator().manual_seed(100 + k))
+        with torch.no_grad():
+            expected = wrapped(*(feeds[t.name] for t in spec.inputs))
+        pairs.append((dims, {n: v.numpy() for n, v in feeds.items()}, [r.float().numpy() for r in expected]))
+    return pairs
+
+
+def check_graph(
     spec: ComponentSpec,
     path: Path,
-    dims_list: list[dict[str, int]],
+    references: list,
     tolerance: Tolerance | None = None,
     ort_options: dict | None = None,
     files: tuple[FileEntry, ...] = (),
 ) -> dict:
-    """Run the ONNX file and the torch module on the same inputs at each shape; raise ParityError past tolerance.
+    """Run the ONNX file on the references' inputs; raise ParityError where it leaves PyTorch's outputs by more
+    than the tolerance.
 
     `files` (the graph's manifest entries) let the gate load it through the graph cache, as the runtime will, which
     leaves the graph optimised for this machine in the bundle. Returns what the manifest records: the worst error,
     the limit it was held to, and the shapes tried."""
     tolerance = tolerance or FP32_TOLERANCE
     ort_options = ort_options or {}
-    wrapped = spec.wrap(module).eval()
     # the gate runs the graph exactly as the runtime will, optimisations included
     options = session_options(ort, ort_options, threads=None, lean=False)
     session = graph_cache.open_session(ort, path, files, options, ["CPUExecutionProvider"],
                                        cache=bool(files and ort_options.get(CACHE_OPTION)))
     worst = {"max_abs_err": 0.0, "limit": 0.0, "output": None}
-    for k, dims in enumerate(dims_list):
-        feeds = spec.sample(dims, torch.Generator().manual_seed(100 + k))
-        with torch.no_grad():
-            expected = wrapped(*(feeds[t.name] for t in spec.inputs))
-        got = session.run([t.name for t in spec.outputs], {n: v.numpy() for n, v in feeds.items()})
+    for dims, feeds, expected in references:
+        got = session.run([t.name for t in spec.outputs], feeds)
         for out, ref, g in zip(spec.outputs, expected, got):
-            ref = ref.float().numpy()
             if ref.shape != g.shape:
                 raise ParityError(f"{spec.name}.{out.name}: ONNX shape {g.shape} != PyTorch {ref.shape} at {dims}")
             err = float(np.max(np.abs(ref - g.astype(np.float32))))
@@ -178,4 +247,10 @@ def check_parity(
             if err / limit >= worst["max_abs_err"] / max(worst["limit"], 1e-30):
                 worst = {"max_abs_err": err, "limit": limit, "output": out.name}
     del session
-    return {**worst, "relative_tolerance": tolerance.relative, "shapes": dims_list}
+    return {**worst, "relative_tolerance": tolerance.relative, "shapes": [dims for dims, _, _ in references]}
+
+
+def check_parity(module: torch.nn.Module, spec: ComponentSpec, path: Path, dims_list: list[dict[str, int]],
+                 **kwargs) -> dict:
+    """reference_outputs then check_graph, for a caller that keeps the module anyway."""
+    return check_graph(spec, path, reference_outputs(module, spec, dims_list), **kwargs)
