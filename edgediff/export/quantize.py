@@ -58,6 +58,14 @@ def float_layers(model: onnx.ModelProto) -> dict[str, str]:
     return keep
 
 
+REDUCTIONS = ("ReduceMin", "ReduceMax")
+
+
+def _reductions(tensor: str) -> list[onnx.NodeProto]:
+    return [onnx.helper.make_node(op, [tensor], [f"{tensor}__{op}"], keepdims=0, name=f"{tensor}__{op}")
+            for op in REDUCTIONS]
+
+
 def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: Path):
     """Min and max of every float activation a quantizable node reads or writes, over `feeds` (MinMax calibration).
 
@@ -75,11 +83,18 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     initializers = {t.name for t in model.graph.initializer}
     tensors = sorted({name for n in model.graph.node if n.op_type in QUANTIZED_OPS for name in (*n.input, *n.output)
                       if name in floats and name not in initializers})
-    for k, name in enumerate(tensors):
-        for op in ("ReduceMin", "ReduceMax"):
-            out = f"{name}__{op}"
-            model.graph.node.append(onnx.helper.make_node(op, [name], [out], keepdims=0, name=f"calibrate_{op}_{k}"))
-            model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, []))
+    # Each tensor is reduced right where it is made (see the execution order below).
+    wanted = set(tensors)
+    produced = {o for n in model.graph.node for o in n.output}
+    nodes = [r for name in tensors if name not in produced for r in _reductions(name)]  # graph inputs: first
+    for node in model.graph.node:
+        nodes.append(onnx.NodeProto.FromString(node.SerializeToString()))
+        nodes.extend(r for name in node.output if name in wanted for r in _reductions(name))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for name in tensors:
+        for op in REDUCTIONS:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(f"{name}__{op}", onnx.TensorProto.FLOAT, []))
     augmented = path.with_name(f".calibrate-{path.name}")
     try:
         onnx.save(model, str(augmented))  # the initializers still point at path's data file, by relative name
@@ -87,8 +102,12 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator
         options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+        # Each reduction must run as soon as its tensor exists, so that the tensor is freed as in the plain graph.
+        # ONNX Runtime's default order ran them late and kept every activation alive (VAE decoder at 512²:
+        # 10.9 GB instead of 1.4); the priority-based order runs them in place (1.9 GB).
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
-        names = [n for t in tensors for n in (f"{t}__ReduceMin", f"{t}__ReduceMax")]
+        names = [f"{t}__{op}" for t in tensors for op in REDUCTIONS]
         low = np.full(len(tensors), np.inf, np.float32)
         high = np.full(len(tensors), -np.inf, np.float32)
         for feed in feeds:
