@@ -3,7 +3,7 @@
 No weights can be downloaded here, so benchmarks run on the real configs with random weights. Usage:
 
     python benchmarks/make_checkpoints.py sd-turbo benchmarks/checkpoints/sd-turbo
-    python benchmarks/make_checkpoints.py sdxl-turbo benchmarks/checkpoints/sdxl-turbo   # ~14 GB in fp32
+    python benchmarks/make_checkpoints.py sdxl-turbo benchmarks/checkpoints/sdxl-turbo   # ~14 GB in fp32, 11 GB RSS
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip
 
 
 def make(name: str, out: Path, seed: int = 0) -> Path:
+    """Build and save one component at a time, so that the peak is the largest component (SDXL's 10.3 GB U-Net),
+    not the whole pipeline; model_index.json is written as diffusers' save_pretrained writes it."""
+    import gc
+    import json
+
     import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -92,31 +97,39 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
 
     arch = ARCHITECTURES[name]
     torch.manual_seed(seed)
-    tok_dir = out.parent / f".{out.name}-tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("vocab.json", "merges.txt"):
-        shutil.copyfile(CLIP_TOKENIZER / f, tok_dir / f)
-    components = dict(
-        vae=AutoencoderKL(**arch["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
-        tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77, pad_token=arch["pad_token"]),
-        unet=UNet2DConditionModel(**arch["unet"]),
-        scheduler=getattr(diffusers, arch.get("scheduler_class", "EulerDiscreteScheduler"))(**arch["scheduler"]),
-    )
-    tokenizers = ["tokenizer"]
-    if "text_encoder_2" in arch:  # SDXL: the second encoder has the projection whose pooled output the U-Net takes
-        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
-        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77,
-                                                                  pad_token=arch["pad_token_2"])
-        tokenizers.append("tokenizer_2")
+    out.mkdir(parents=True, exist_ok=True)
+    sdxl = "text_encoder_2" in arch  # the second encoder has the projection whose pooled output the U-Net takes
+    builders = {
+        "vae": lambda: AutoencoderKL(**arch["vae"]),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
+        **({"text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))}
+           if sdxl else {}),
+        "unet": lambda: UNet2DConditionModel(**arch["unet"]),
+        "scheduler": lambda: getattr(diffusers, arch.get("scheduler_class", "EulerDiscreteScheduler"))(
+            **arch["scheduler"]),
+    }
+    index = {"_class_name": arch.get("pipeline", "StableDiffusionPipeline"), "_diffusers_version": diffusers.__version__}
+    for component, build in builders.items():
+        module = build()
+        module.save_pretrained(out / component, **({} if component == "scheduler" else {"safe_serialization": True}))
+        library = "transformers" if component.startswith("text_encoder") else "diffusers"
+        index[component] = [library, type(module).__name__]
+        del module
+        gc.collect()
+    for folder, pad in (("tokenizer", "pad_token"), ("tokenizer_2", "pad_token_2")):
+        if folder == "tokenizer_2" and not sdxl:
+            continue
+        (out / folder).mkdir(exist_ok=True)
+        for f in ("vocab.json", "merges.txt"):  # as real checkpoints ship them; older transformers need them
+            shutil.copyfile(CLIP_TOKENIZER / f, out / folder / f)
+        CLIPTokenizer.from_pretrained(out / folder, model_max_length=77, pad_token=arch[pad]).save_pretrained(out / folder)
+        index[folder] = ["transformers", "CLIPTokenizer"]
+    if sdxl:
+        index.update(force_zeros_for_empty_prompt=True, feature_extractor=[None, None], image_encoder=[None, None])
     else:
-        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = getattr(diffusers, arch.get("pipeline", "StableDiffusionPipeline"))(**components)
-    pipe.save_pretrained(out, safe_serialization=True)
-    for folder in tokenizers:  # as real checkpoints ship them; older transformers need them
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copyfile(tok_dir / f, out / folder / f)
-    shutil.rmtree(tok_dir)
+        index.update(feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False,
+                     safety_checker=[None, None])
+    (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
     return out
 
 
