@@ -122,9 +122,13 @@ def _external(tensor: onnx.TensorProto) -> dict[str, str] | None:
     return {e.key: e.value for e in tensor.external_data}
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
+def _nbytes(tensor: onnx.TensorProto, source: Path | None) -> int:
     info = _external(tensor)
-    return int(info["length"]) if info is not None and "length" in info else len(tensor.raw_data)
+    if info is None:
+        return len(tensor.raw_data)
+    if "length" in info:
+        return int(info["length"])
+    return (Path(source) / info["location"]).stat().st_size - int(info.get("offset", 0))  # torch's per-tensor files
 
 
 def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None) -> tuple[list[Path], int]:
@@ -134,7 +138,7 @@ def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None) -
     across in chunks, never loaded whole. Returns the files written and the weights' size in bytes; a stale data
     file from an earlier graph is replaced."""
     tensors = [t for t in _tensors(model) if t.HasField("raw_data") or _external(t) is not None]
-    weights = sum(_nbytes(t) for t in tensors)
+    weights = sum(_nbytes(t, source) for t in tensors)
     data = path.with_name(path.name + DATA_SUFFIX)
     data.unlink(missing_ok=True)
     if weights > EXTERNAL_DATA_THRESHOLD:
