@@ -301,6 +301,7 @@ def info(bundle, verify, as_json):
     """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures."""
     from .bundle import BundleError, load_manifest
     from .models import builtin_bundle
+    from .runtime import graph_cache
 
     with _one_line_errors():
         if bundle is None:
@@ -332,6 +333,11 @@ def info(bundle, verify, as_json):
         err = c.parity.get("max_abs_err")
         parity = f", parity {err:.2g}" if err is not None else ""
         click.echo(f"  {name}: {c.precision}, {size / 1e6:.1f} MB{parity}\n    in:  {ins}\n    out: {outs}")
+        cached = graph_cache.cached_graphs((Path(bundle) / c.file).parent)
+        if cached:
+            click.echo(f"    optimised for {len(cached)} machine(s) ({', '.join(cached)}): "
+                       f"{sum(cached.values()) / 1e6:.1f} MB in {Path(c.file).parent / graph_cache.CACHE_FOLDER} "
+                       "(re-made on the next load if deleted)")
     p = m.provenance
     if p.get("description"):
         click.echo(f"  about: {p['description']}")

@@ -95,6 +95,12 @@ def test_export_warms_the_cache_of_large_convolutional_graphs(checkpoint, tmp_pa
     assert components["text_encoder"].ort_options["graph_optimization_level"] == "extended"
     assert CACHE_OPTION not in components["text_encoder"].ort_options
     assert len(_cached(out, "unet")) == 1 and len(_cached(out, "vae_decoder")) == 1
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(out)]).stdout
+    assert shown.count("optimised for 1 machine(s)") == 3 and "unet/.ort-optimized" in shown  # U-Net, both VAEs
     cached = Pipeline.load(out)("a red cat", **RENDER).images
     monkeypatch.setenv(graph_cache.ENV_SWITCH, "off")
     np.testing.assert_allclose(Pipeline.load(out)("a red cat", **RENDER).images, cached, atol=1e-4)

@@ -116,6 +116,15 @@ def _publish(partial: Path, folder: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def cached_graphs(component_dir: Path) -> dict[str, int]:
+    """The cached graphs beside a component's graph: key -> bytes on disk (for `edgediff info`)."""
+    folder = component_dir / CACHE_FOLDER
+    if not folder.is_dir():
+        return {}
+    return {d.name: sum(f.stat().st_size for f in d.iterdir()) for d in sorted(folder.iterdir())
+            if d.is_dir() and not d.name.startswith(".")}
+
+
 def clear(component_dir: Path) -> None:
     """Remove the cached graphs beside a component's graph (its graph is about to be replaced)."""
     shutil.rmtree(component_dir / CACHE_FOLDER, ignore_errors=True)
