@@ -118,3 +118,43 @@ def test_sdxl_unet_exports_with_external_data(checkpoint, tmp_path, monkeypatch)
     assert written == [path, path.with_name("model.onnx.data")]
     assert path.stat().st_size < path.with_name("model.onnx.data").stat().st_size
     assert export_onnx.check_parity(unet, spec, path, gates, ort_options=options)["max_abs_err"] < 1e-4
+
+
+def test_fp16_sdxl_keeps_its_vae_in_fp32_unless_it_is_fp16_safe(checkpoint, bundle, tmp_path):
+    """SDXL's VAE overflows in fp16 (diffusers upcasts it): a fp16 bundle keeps it fp32 and says why, and still
+    renders close to the fp32 bundle; a VAE whose config says force_upcast false is converted."""
+    import dataclasses
+
+    from edgediff.bundle import read_manifest
+    from edgediff.export.checkpoint import Checkpoint
+    from edgediff.export.convert import export_bundle, kept_fp32
+
+    out = tmp_path / "fp16"
+    export_bundle(checkpoint("sdxl"), out, precision="fp16")
+    m = read_manifest(out)
+    assert {n: c.precision for n, c in m.components.items()} == {
+        "text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
+    assert set(m.provenance["kept_fp32"]) == {"vae_decoder", "vae_encoder"}
+    render = dict(num_inference_steps=2, height=H, width=W, seed=1, output_type="np")
+    fp16 = Pipeline.load(out)(PROMPTS[0], **render).images
+    fp32 = Pipeline.load(bundle("sdxl"))(PROMPTS[0], **render).images
+    assert np.abs(fp16 - fp32).max() < 2e-2
+
+    ck = Checkpoint.open(checkpoint("sdxl"))
+    safe = dataclasses.replace(ck, vae_config={**ck.vae_config, "force_upcast": False})
+    assert kept_fp32(safe, "fp16", None) == {} and kept_fp32(ck, "int8", None) == {}
+    assert set(kept_fp32(ck, "fp16", "taesdxl")) == {"vae_encoder"}  # the tiny decoder is fp16-safe
+
+
+def test_int8_sdxl_bundle_renders_with_quantized_unet(checkpoint, tmp_path):
+    from edgediff.bundle import read_manifest
+    from edgediff.export.calibrate import Calibration
+    from edgediff.export.convert import export_bundle
+
+    out = tmp_path / "int8"
+    export_bundle(checkpoint("sdxl"), out, precision="int8",
+                  calibration=Calibration(prompts=("a red cat", "a blue house", "a green tree"), steps=2, size=32))
+    m = read_manifest(out)
+    assert m.components["unet"].precision == "int8" and m.components["unet"].conversion["quantized_layers"] > 0
+    image = Pipeline.load(out)(PROMPTS[0], num_inference_steps=2, height=H, width=W, seed=1, output_type="np").images
+    assert image.shape == (1, H, W, 3) and np.isfinite(image).all() and image.std() > 0.01

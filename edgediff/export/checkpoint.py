@@ -120,6 +120,12 @@ class Checkpoint:
     def guidance_embedding_dim(self) -> int | None:
         return self.unet_config.get("time_cond_proj_dim")
 
+    @property
+    def vae_overflows_fp16(self) -> bool:
+        """SDXL's VAE overflows in fp16 (diffusers' SDXL pipelines upcast it); a fp16-safe one, such as
+        sdxl-vae-fp16-fix, says so with force_upcast false in its config."""
+        return self.family == "sdxl" and bool(self.vae_config.get("force_upcast", True))
+
     def preset(self, requested: str | None) -> str:
         if requested is not None:
             if requested not in PRESETS:

@@ -42,16 +42,28 @@ def plan_components(encoders: tuple[TextEncoder, ...]) -> dict[str, tuple[str, C
     return {**text, **{k: v for k, v in COMPONENTS.items() if k != "text_encoder"}}
 
 
-def conversion_targets(precision: str, components=COMPONENTS) -> dict[str, str]:
-    """Which components a bundle precision converts, and to what; the rest stay fp32.
+def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=()) -> dict[str, str]:
+    """Which components a bundle precision converts, and to what; the rest (and `keep_fp32`) stay fp32.
 
     int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoders run once per render and
     the VAE encoder only for img2img, so they keep fp32's accuracy."""
     if precision == "int8":
-        return {"unet": "int8", "vae_decoder": "int8"}
-    if precision == "fp16":
-        return {name: "fp16" for name in components}
-    return {}
+        targets = {"unet": "int8", "vae_decoder": "int8"}
+    elif precision == "fp16":
+        targets = {name: "fp16" for name in components}
+    else:
+        targets = {}
+    return {name: target for name, target in targets.items() if name not in keep_fp32}
+
+
+FP16_UNSAFE_VAE = "the SDXL VAE overflows in fp16 (its config asks for force_upcast); export with a fp16-safe VAE"
+
+
+def kept_fp32(ck: Checkpoint, precision: str, tiny_vae) -> dict[str, str]:
+    """Components a fp16 bundle keeps in fp32, with the reason the manifest records."""
+    if precision != "fp16" or not ck.vae_overflows_fp16:
+        return {}
+    return {"vae_encoder": FP16_UNSAFE_VAE, **({} if tiny_vae else {"vae_decoder": FP16_UNSAFE_VAE})}
 
 
 def _gate_shapes(ck: Checkpoint) -> tuple[dict[str, int], list[dict[str, int]]]:
@@ -157,7 +169,8 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
     encoders = ck.text_encoders(o.clip_skip)
     plan = plan_components(encoders)
     check_components(o.loras, {"unet", *(e.component for e in encoders)})
-    total = len(plan) + len(conversion_targets(o.precision, plan))
+    keep = kept_fp32(ck, o.precision, o.tiny_vae)
+    total = len(plan) + len(conversion_targets(o.precision, plan, keep))
 
     done = 0
 
@@ -240,7 +253,8 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
         )
         write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
         if o.precision != "fp32":
-            manifest = _convert(tmp, manifest, o.precision, ck, component_specs, gate_dims, o.calibration, proven)
+            manifest = _convert(tmp, manifest, o.precision, ck, component_specs, gate_dims, o.calibration, proven,
+                                keep)
             write_manifest(tmp, manifest)
         _replace(tmp, out)
     except BaseException:
@@ -249,13 +263,13 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
     return manifest
 
 
-def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, proven) -> Manifest:
+def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, proven, keep) -> Manifest:
     """Convert the fp32 bundle in `tmp` to `precision`, component by component, each gated against fp32."""
     import torch
 
-    targets = conversion_targets(precision, manifest.components)
+    targets = conversion_targets(precision, manifest.components, keep)
     records = {}
-    provenance = dict(manifest.provenance, precision=precision)
+    provenance = dict(manifest.provenance, precision=precision, **({"kept_fp32": keep} if keep else {}))
     if precision == "int8":
         calibration = calibration or Calibration()
         records = record_trajectories(tmp, tuple(targets), calibration)
