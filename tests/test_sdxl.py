@@ -158,3 +158,18 @@ def test_int8_sdxl_bundle_renders_with_quantized_unet(checkpoint, tmp_path):
     assert m.components["unet"].precision == "int8" and m.components["unet"].conversion["quantized_layers"] > 0
     image = Pipeline.load(out)(PROMPTS[0], num_inference_steps=2, height=H, width=W, seed=1, output_type="np").images
     assert image.shape == (1, H, W, 3) and np.isfinite(image).all() and image.std() > 0.01
+
+
+def test_sdxl_image_to_image_matches_diffusers_by_seed(pipes, checkpoint):
+    ours, _ = pipes("sdxl")
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(checkpoint("sdxl"), requires_aesthetics_score=False)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    init = (rng.random((H, W, 3)) * 0.6 + np.linspace(0, 0.4, W)[None, :, None]) * 255
+    image = Image.fromarray(init.round().astype(np.uint8))
+    kw = dict(image=image, strength=0.6, num_inference_steps=5, guidance_scale=5.0, output_type="np")
+    expected = ref(PROMPTS[0], generator=torch.Generator().manual_seed(4), **kw).images
+    got = ours(PROMPTS[0], seed=4, sampler="euler", **kw)
+    assert len(got.timings["steps"]) == 3
+    assert float(np.abs(got.images - expected).max()) <= TOLERANCE
