@@ -23,15 +23,14 @@ SCALE = 0.7
 H, W = 32, 48
 
 
-@pytest.fixture(scope="module")
-def lora_files(checkpoint, tmp_path_factory):
-    """A random LoRA on the tiny SD1 U-Net (attention and resnet convs) and text encoder, in both formats."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+def _write_lora(pipeline_class, source, folder, encoders):
+    """A random LoRA on a tiny pipeline's U-Net (attention and resnet convs) and text encoders, in diffusers'
+    format; returns the file."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    folder = tmp_path_factory.mktemp("lora")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None)
+    pipe = pipeline_class.from_pretrained(source, **({"safety_checker": None} if "safety_checker" in
+                                                      pipeline_class._optional_components else {}))
     torch.manual_seed(0)
     # lora_alpha = rank: the scale PEFT applies is then 1, whatever the file's metadata says
     pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
@@ -39,18 +38,25 @@ def lora_files(checkpoint, tmp_path_factory):
         for pname, p in pipe.unet.named_parameters():
             if "lora_" in pname:
                 p.normal_(0, 0.2)  # PEFT starts B at zero: a LoRA that changes nothing would prove nothing
-    layers = {"unet": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
-    # transformers 5 wants a newer PEFT than the registry has for its own adapters: the text encoder's LoRA layers
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}  # PEFT keys, as diffusers saves them now
+    # transformers 5 wants a newer PEFT than the registry has for its own adapters: the text encoders' LoRA layers
     # are written directly, in the same format (diffusers loads them with PEFT's injection, not transformers')
-    layers["text_encoder"] = {
-        f"text_model.encoder.layers.{i}.self_attn.{proj}.lora_{part}.weight": torch.randn(shape) * 0.2
-        for i in range(2) for proj in ("q_proj", "v_proj")
-        for part, shape in (("A", (RANK, 32)), ("B", (32, RANK)))
-    }
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"], safe_serialization=True
-    )
-    diffusers_file = folder / "pytorch_lora_weights.safetensors"
+    for encoder in encoders:
+        width = getattr(pipe, encoder).config.hidden_size
+        layers[f"{encoder}_lora_layers"] = {
+            f"text_model.encoder.layers.{i}.self_attn.{proj}.lora_{part}.weight": torch.randn(shape) * 0.2
+            for i in range(2) for proj in ("q_proj", "v_proj")
+            for part, shape in (("A", (RANK, width)), ("B", (width, RANK)))
+        }
+    pipeline_class.save_lora_weights(folder, **layers, safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_files(checkpoint, tmp_path_factory):
+    """The SD1 LoRA in both formats."""
+    folder = tmp_path_factory.mktemp("lora")
+    diffusers_file = _write_lora(diffusers.StableDiffusionPipeline, checkpoint("sd1"), folder, ["text_encoder"])
     kohya = {}
     for key, value in load_file(diffusers_file).items():
         component, _, rest = key.partition(".")
@@ -61,15 +67,42 @@ def lora_files(checkpoint, tmp_path_factory):
         kohya[f"{prefix}{path.replace('.', '_')}.alpha"] = torch.tensor(float(RANK))
     kohya_file = folder / "kohya.safetensors"
     save_file(kohya, kohya_file)
-    return {"diffusers": diffusers_file, "kohya": kohya_file}
+    # diffusers' older key style (".lora.down.weight"), which LoRAs on the hub still carry
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    old_file = folder / "old.safetensors"
+    save_file(convert_state_dict_to_diffusers(load_file(diffusers_file)), old_file)
+    return {"diffusers": diffusers_file, "kohya": kohya_file, "diffusers-old": old_file}
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_sdxl_lora_on_the_unet_and_both_text_encoders_renders_like_diffusers(checkpoint, tmp_path):
+    lora = _write_lora(diffusers.StableDiffusionXLPipeline, checkpoint("sdxl"), tmp_path,
+                       ["text_encoder", "text_encoder_2"])
+    out = tmp_path / "bundle"
+    manifest = export_bundle(checkpoint("sdxl"), out, loras=[f"{lora}:{SCALE}"])
+    (record,) = manifest.provenance["loras"]
+    assert all(record["layers"][c] > 0 for c in ("unet", "text_encoder", "text_encoder_2"))
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(checkpoint("sdxl"))
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(lora)
+    ref.fuse_lora(lora_scale=SCALE)
+    latents = torch.randn(1, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(2))
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=H, width=W, output_type="np")
+    expected = ref("a red cat", latents=latents, **kw).images
+    ref.unfuse_lora()
+    ref.unload_lora_weights()
+    assert np.abs(expected - ref("a red cat", latents=latents, **kw).images).max() > 1e-2  # the LoRA took effect
+    got = Pipeline.load(out)("a red cat", latents=latents.numpy(), sampler="euler", **kw).images
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "diffusers-old", "kohya"])
 def test_fused_lora_renders_like_diffusers_with_the_lora_loaded(checkpoint, lora_files, tmp_path, fmt):
     out = tmp_path / "bundle"
     manifest = export_bundle(checkpoint("sd1"), out, loras=[f"{lora_files[fmt]}:{SCALE}"])
     (lora,) = manifest.provenance["loras"]
-    assert lora["format"] == fmt and lora["scale"] == SCALE and lora["layers"]["unet"] > 0 and lora["layers"]["text_encoder"] > 0
+    assert lora["format"] == fmt.removesuffix("-old") and lora["scale"] == SCALE and lora["layers"]["unet"] > 0 and lora["layers"]["text_encoder"] > 0
 
     ref = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None)
     ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
