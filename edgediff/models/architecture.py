@@ -42,7 +42,9 @@ DESCRIPTION = (
     "python -m edgediff.models.train, LCM-distilled for 4 steps"
 )
 # The bundle's default guidance (w + 1), chosen by evaluation of the distilled student; None keeps the exporter's.
-DEFAULT_GUIDANCE: float | None = None
+# 4 lcm steps, 100 prompts a kind, all-correct one / two objects: guidance 2: 100 / 63 %, 4: 99 / 66 %,
+# 6: 96 / 61 %, 8 (the exporter's): 89 / 55 %, 11: 86 / 50 %.
+DEFAULT_GUIDANCE: float | None = 4.0
 PREDICTION_TYPE = "v_prediction"  # well conditioned at t=999, where one-step LCM sampling starts
 
 
