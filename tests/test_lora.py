@@ -83,18 +83,7 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders_renders_like_diffusers(che
     (record,) = manifest.provenance["loras"]
     assert all(record["layers"][c] > 0 for c in ("unet", "text_encoder", "text_encoder_2"))
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(checkpoint("sdxl"))
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    ref.load_lora_weights(lora)
-    ref.fuse_lora(lora_scale=SCALE)
-    latents = torch.randn(1, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(2))
-    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=H, width=W, output_type="np")
-    expected = ref("a red cat", latents=latents, **kw).images
-    ref.unfuse_lora()
-    ref.unload_lora_weights()
-    assert np.abs(expected - ref("a red cat", latents=latents, **kw).images).max() > 1e-2  # the LoRA took effect
-    got = Pipeline.load(out)("a red cat", latents=latents.numpy(), sampler="euler", **kw).images
-    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
+    _assert_renders_like_diffusers(out, ref, lora, guidance=5.0)
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "diffusers-old", "kohya"])
@@ -105,18 +94,22 @@ def test_fused_lora_renders_like_diffusers_with_the_lora_loaded(checkpoint, lora
     assert lora["format"] == fmt.removesuffix("-old") and lora["scale"] == SCALE and lora["layers"]["unet"] > 0 and lora["layers"]["text_encoder"] > 0
 
     ref = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None)
+    _assert_renders_like_diffusers(out, ref, lora_files["diffusers"], guidance=7.5)
+
+
+def _assert_renders_like_diffusers(bundle, ref, lora_file, guidance):
+    """The bundle renders what diffusers renders with the LoRA loaded and fused, and the LoRA changes the image."""
     ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    ref.load_lora_weights(lora_files["diffusers"])
+    ref.load_lora_weights(lora_file)
     ref.fuse_lora(lora_scale=SCALE)
     latents = torch.randn(1, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(2))
-    kw = dict(num_inference_steps=3, guidance_scale=7.5, height=H, width=W, output_type="np")
+    kw = dict(num_inference_steps=3, guidance_scale=guidance, height=H, width=W, output_type="np")
     expected = ref("a red cat", latents=latents, **kw).images
     ref.unfuse_lora()
     ref.unload_lora_weights()
-    plain = ref("a red cat", latents=latents, **kw).images
-    got = Pipeline.load(out)("a red cat", latents=latents.numpy(), sampler="euler", **kw).images
-    assert np.abs(expected - plain).max() > 1e-2  # the LoRA changes the image
+    assert np.abs(expected - ref("a red cat", latents=latents, **kw).images).max() > 1e-2  # the LoRA took effect
+    got = Pipeline.load(bundle)("a red cat", latents=latents.numpy(), sampler="euler", **kw).images
     np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
 
 
