@@ -119,9 +119,10 @@ def test_tiny_training_run_exports_a_bundle_that_renders(tmp_path):
     from edgediff.runtime.pipeline import Pipeline
 
     args = ["--out", str(tmp_path / "run"), "--preset", "tiny", "--n-images", "200", "--threads", "1"]
-    for stage in ("vae", "teacher", "distill"):
+    for stage in ("vae", "teacher", "distill", "refine"):
         args += [f"--{stage}-steps", "3", f"--{stage}-batch", "4"]
     assert train.main(args) == 0
+    assert (tmp_path / "run" / "student-refined" / "unet").is_dir()
     out = Pipeline.load(tmp_path / "run" / "bundle")("a red circle", output_type="np")
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
 
@@ -178,3 +179,18 @@ def test_shipped_bundle_renders_without_torch():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [1, 32, 32, 3]
+
+
+def test_a_run_folder_takes_settings_newer_than_itself_but_refuses_contradictions(tmp_path):
+    """A run started before the refine stage existed can still be given --refine-steps; it is then stored."""
+    import json
+    from dataclasses import asdict
+
+    from edgediff.models.train import RunConfig, _config, _parse
+
+    stored = {k: v for k, v in asdict(RunConfig()).items() if not k.startswith("refine_")}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert _config(_parse(["--out", str(tmp_path), "--refine-steps", "700"])).refine_steps == 700
+    assert _config(_parse(["--out", str(tmp_path)])).refine_steps == 700
+    with pytest.raises(SystemExit, match="other settings"):
+        _config(_parse(["--out", str(tmp_path), "--teacher-steps", "1"]))

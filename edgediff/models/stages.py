@@ -249,22 +249,24 @@ def teacher_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, s
 
 
 def distill_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, text_encoder, teacher, seed: int,
-                 steps: int, batch: int, lr: float, state_path: Path, checkpoint_seconds: float):
+                 steps: int, batch: int, lr: float, state_path: Path, checkpoint_seconds: float, *,
+                 init_student=None, guidance_range: tuple[float, float] = arch.GUIDANCE_RANGE):
     """Latent consistency distillation (Luo et al. 2023, Algorithm 1), as diffusers' train_lcm_distill_sd does.
 
     The student, at a segment's start, must agree with the target network (an EMA of itself) at the segment's
     end, where the teacher's guided DDIM step took the same noisy latent; w is drawn per sample and given to the
-    student as LCM's guidance embedding. The text encoder is the teacher's, frozen."""
+    student as LCM's guidance embedding. The text encoder is the teacher's, frozen. `init_student` and
+    `guidance_range` let a second pass refine a distilled student on a narrower w range."""
     torch.manual_seed(seed + 2)
     for module in (text_encoder, teacher):
         module.eval().requires_grad_(False)
-    student = arch.student_from_teacher(teacher, cfg.unet).train()
+    student = (init_student if init_student is not None else arch.student_from_teacher(teacher, cfg.unet)).train()
     target = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = _optimizer(student.parameters(), lr, 0.0)
     schedule = NoiseSchedule()
     solver = DdimSolver(schedule)
     latents_t = torch.from_numpy(latents)
-    w_min, w_max = arch.GUIDANCE_RANGE
+    w_min, w_max = guidance_range
     dim = cfg.unet.guidance_embedding_dim
     with torch.no_grad():
         uncond = text_encoder(input_ids=torch.from_numpy(data.null_tokens()[None])).last_hidden_state

@@ -5,10 +5,12 @@ Stages, each resumable (`--resume`) from the checkpoint it writes every few minu
   vae      the KL autoencoder (32x32 RGB <-> 8x8x4), then every image encoded once into DIR/latents.npy
   teacher  text encoder + U-Net (v-prediction, classifier-free guidance dropout), kept as EMA weights
   distill  the LCM student with a guidance embedding, distilled from the teacher
+  refine   optional (--refine-steps N): more distillation from the student on a narrower guidance range
   export   a diffusers pipeline folder (DIR/pipeline) -> the edgediff bundle (DIR/bundle, or --bundle-out)
-`--stage all` runs whatever is not done yet, in order. A finished stage leaves a folder (DIR/vae,
-DIR/teacher, DIR/student) and is skipped afterwards; delete the folder to redo it. The run's settings are
-kept in DIR/config.json; a later call may leave them out but not contradict them.
+`--stage all` runs whatever is not done yet, in order. A finished stage leaves a folder (DIR/vae, DIR/teacher,
+DIR/student, DIR/student-refined) and is skipped afterwards; delete the folder to redo it. The run's settings are
+kept in DIR/config.json; a later call may leave them out but not contradict them (settings the run predates are
+added).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 # a descheduled sibling made a training step up to 10x slower; sleeping waits cost ~20% when the machine is idle.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-STAGES = ("vae", "teacher", "distill", "export")
+STAGES = ("vae", "teacher", "distill", "refine", "export")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,13 @@ class RunConfig:
     distill_steps: int = 1500
     distill_batch: int = 96
     distill_lr: float = 2e-4
+    # refine: more distillation from the student with w in [refine_w_min, refine_w_max] (0 steps: skipped). 700 steps
+    # at w in [2, 4] moved two-object adherence at 4 steps from 68 % to 72-76 % (docs/builtin-model.md).
+    refine_steps: int = 0
+    refine_batch: int = 96
+    refine_lr: float = 1e-4
+    refine_w_min: float = 2.0
+    refine_w_max: float = 4.0
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -69,9 +78,13 @@ def _config(args: argparse.Namespace) -> RunConfig:
     config = RunConfig(**stored) if stored else RunConfig()
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
     if stored:
-        clash = {k: (stored[k], v) for k, v in given.items() if stored[k] != v}
+        clash = {k: (stored[k], v) for k, v in given.items() if k in stored and stored[k] != v}
         if clash:
             raise SystemExit(f"{args.out} was started with other settings {clash} (stored, given); use a new --out")
+        added = {k: v for k, v in given.items() if k not in stored}  # settings newer than the run (a later stage's)
+        if added:
+            config = RunConfig(**{**asdict(config), **added})
+            path.write_text(json.dumps(asdict(config), indent=2) + "\n")
     else:
         config = RunConfig(**{**asdict(config), **given})
         args.out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +218,26 @@ class Run:
         _publish(tmp, self.out / "student")
         (self.out / "state-distill.safetensors").unlink(missing_ok=True)
 
+    def stage_refine(self) -> None:
+        from diffusers import UNet2DConditionModel
+
+        from .stages import distill_loop
+
+        c = self.config
+        if c.refine_steps == 0 or (self.out / "student-refined").is_dir():
+            return
+        text_encoder, teacher = self._teacher()
+        student, loop = distill_loop(self.model, self.data, self.latents(), text_encoder, teacher, c.seed + 1,
+                                     c.refine_steps, c.refine_batch, c.refine_lr,
+                                     self.out / "state-refine.safetensors", self.checkpoint_seconds,
+                                     init_student=UNet2DConditionModel.from_pretrained(self.out / "student" / "unet"),
+                                     guidance_range=(c.refine_w_min, c.refine_w_max))
+        self._run(loop)
+        tmp = _scratch(self.out, "student-refined")
+        student.save_pretrained(tmp / "unet", safe_serialization=True)
+        _publish(tmp, self.out / "student-refined")
+        (self.out / "state-refine.safetensors").unlink(missing_ok=True)
+
     def stage_export(self, teacher: bool = False) -> Path:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -216,7 +249,8 @@ class Run:
 
         text_encoder, unet = self._teacher()
         if not teacher:
-            unet = UNet2DConditionModel.from_pretrained(self.out / "student" / "unet")
+            refined = self.out / "student-refined"
+            unet = UNet2DConditionModel.from_pretrained((refined if refined.is_dir() else self.out / "student") / "unet")
         pipeline = self.out / ("pipeline-teacher" if teacher else "pipeline")
         tmp = _scratch(self.out, pipeline.name)
         arch.save_pipeline(tmp, text_encoder, unet, AutoencoderKL.from_pretrained(self.out / "vae"), teacher=teacher)
