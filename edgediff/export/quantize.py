@@ -69,13 +69,14 @@ def _reductions(tensor: str) -> list[onnx.NodeProto]:
 def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: Path):
     """Min and max of every float activation a quantizable node reads or writes, over `feeds` (MinMax calibration).
 
-    What onnxruntime's MinMax calibrator computes, at a fraction of its memory: it loads the model with its weights,
-    clones it to add a ReduceMin/ReduceMax pair per tensor and loads that into a session, three copies of a 3.4 GB
-    U-Net at once (23 GB in all with the quantizer's own). Here only the graph is loaded; the augmented graph is
-    written beside the original so that its weights stay the original's external data file, which the session
-    memory-maps."""
+    What onnxruntime's MinMax calibrator computes, at a fraction of its memory: that one loads the model with its
+    weights, clones it to add a ReduceMin/ReduceMax pair per tensor, and runs the clone in an order that keeps
+    every activation alive (SD-Turbo at 512²: 17.6 GB for the U-Net, 12.8 GB for the VAE decoder). Here only the
+    graph is loaded; the augmented graph is written beside the original so that its weights stay the original's
+    external data file, which the session memory-maps (U-Net: 4.2 GB). Returns the ranges as a file in
+    onnxruntime's calibration-cache format, in `scratch`."""
     import onnxruntime as ort
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     floats = {v.name for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
@@ -119,8 +120,6 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     ranges = TensorsData(CalibrationMethod.MinMax, {
         t: (np.array(lo, np.float32), np.array(hi, np.float32)) for t, lo, hi in zip(tensors, low, high)})
     cache = scratch / "ranges.json"
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
     save_tensors_data(ranges, cache)
     return cache
 
