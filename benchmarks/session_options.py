@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgediff.bundle import read_manifest  # noqa: E402
+from edgediff.runtime import graph_cache  # noqa: E402
 from edgediff.runtime.sessions import session_options  # noqa: E402
 
 SIZES = {"batch": 1, "sequence": 77, "latent_height": 64, "latent_width": 64, "height": 512, "width": 512}
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--lean", action="store_true", help="no memory arena, no memory pattern (memory='low')")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--graph", type=Path, help="run this graph file instead of the component's (same inputs)")
+    p.add_argument("--cached", action="store_true",
+                   help="load through edgediff's graph cache (level all: optimised once, then loaded as saved)")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -63,12 +66,18 @@ def main(argv=None) -> int:
     chosen = {"graph_optimization_level": args.level, "disable_prepacking": args.prepack == "off"}
     options = session_options(ort, chosen, threads=None, lean=args.lean)
     path = str(args.graph or args.bundle / component.file)
-    session, load_wall, load_cpu = clock(lambda: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+    if args.cached:
+        session, load_wall, load_cpu = clock(lambda: graph_cache.open_session(
+            ort, Path(path), component.files, options, ["CPUExecutionProvider"], cache=True))
+    else:
+        session, load_wall, load_cpu = clock(
+            lambda: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     feeds = feeds_for(component)
     runs = [clock(lambda: session.run(None, feeds))[1:] for _ in range(args.runs)]
     print(json.dumps({
-        "component": args.component, "graph": path, "level": args.level, "prepack": args.prepack, "lean": args.lean,
+        "component": args.component, "graph": path, "level": args.level, "prepack": args.prepack,
+        "lean": args.lean, "cached": args.cached,
         "load_s": load_wall, "load_cpu_s": load_cpu, "rss_after_load_bytes": rss_after_load,
         "runs_s": [r[0] for r in runs], "runs_cpu_s": [r[1] for r in runs],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
