@@ -72,6 +72,39 @@ def test_lcm_timesteps_are_the_distillation_segments():
     del torch
 
 
+def test_distillation_targets_are_the_teachers_guided_ddim_solution():
+    """The student learns the end of each pool trajectory: it must be what diffusers' DDIM (trailing spacing, the
+    distillation's 20 segments) and classifier-free guidance at scale w + 1 make of the same noise."""
+    torch = pytest.importorskip("torch")
+    from diffusers import DDIMScheduler
+
+    from edgediff.models import architecture as arch
+    from edgediff.models.diffusion import DdimSolver, NoiseSchedule
+    from edgediff.models.distill import solve
+
+    torch.manual_seed(0)
+    cfg = arch.TINY
+    text_encoder = arch.build_text_encoder(cfg.text).eval()
+    teacher = arch.build_unet(cfg.unet, cfg.text.hidden_size, student=False).eval()
+    ids = arch.encode_captions(["a red circle above a blue square", "a green triangle"])
+    size = teacher.config.sample_size
+    noise = torch.randn(2, teacher.config.in_channels, size, size)
+    w = torch.tensor([1.5, 3.0])
+    states, ends = solve(text_encoder, teacher, ids, noise, w, DdimSolver(NoiseSchedule()), NoiseSchedule())
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              prediction_type=arch.PREDICTION_TYPE, timestep_spacing="trailing", set_alpha_to_one=True)
+    scheduler.set_timesteps(arch.ORIGINAL_INFERENCE_STEPS)
+    with torch.no_grad():
+        cond = text_encoder(input_ids=torch.from_numpy(ids)).last_hidden_state
+        uncond = text_encoder(input_ids=torch.from_numpy(arch.encode_captions(["", ""]))).last_hidden_state
+        x = noise
+        for k, t in enumerate(scheduler.timesteps):
+            np.testing.assert_allclose(states[:, -1 - k].numpy(), x.numpy(), atol=1e-4)  # states run 49 ... 999
+            v_c, v_u = teacher(torch.cat([x, x]), t, torch.cat([cond, uncond])).sample.chunk(2)
+            x = scheduler.step(v_u + (w + 1).view(-1, 1, 1, 1) * (v_c - v_u), t, x).prev_sample
+    np.testing.assert_allclose(ends.numpy(), x.numpy(), atol=1e-4)
+
 def test_caption_augmentations_keep_captions_well_formed():
     from edgediff.models import architecture as arch
     from edgediff.models import data
@@ -119,10 +152,11 @@ def test_tiny_training_run_exports_a_bundle_that_renders(tmp_path):
     from edgediff.runtime.pipeline import Pipeline
 
     args = ["--out", str(tmp_path / "run"), "--preset", "tiny", "--n-images", "200", "--threads", "1"]
-    for stage in ("vae", "teacher", "distill", "refine"):
+    for stage in ("vae", "teacher", "distill"):
         args += [f"--{stage}-steps", "3", f"--{stage}-batch", "4"]
-    assert train.main(args) == 0
-    assert (tmp_path / "run" / "student-refined" / "unet").is_dir()
+    assert train.main(args + ["--distill-trajectories", "6"]) == 0
+    assert (tmp_path / "run" / "student" / "unet").is_dir()
+    assert not (tmp_path / "run" / "trajectories.npz").exists()  # the pool only lives while its stage runs
     out = Pipeline.load(tmp_path / "run" / "bundle")("a red circle", output_type="np")
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
 
@@ -182,15 +216,26 @@ def test_shipped_bundle_renders_without_torch():
 
 
 def test_a_run_folder_takes_settings_newer_than_itself_but_refuses_contradictions(tmp_path):
-    """A run started before the refine stage existed can still be given --refine-steps; it is then stored."""
+    """A run started before a setting existed can still be given it; it is then stored."""
     import json
     from dataclasses import asdict
 
     from edgediff.models.train import RunConfig, _config, _parse
 
-    stored = {k: v for k, v in asdict(RunConfig()).items() if not k.startswith("refine_")}
+    stored = {k: v for k, v in asdict(RunConfig()).items() if k != "distill_trajectories"}
     (tmp_path / "config.json").write_text(json.dumps(stored))
-    assert _config(_parse(["--out", str(tmp_path), "--refine-steps", "700"])).refine_steps == 700
-    assert _config(_parse(["--out", str(tmp_path)])).refine_steps == 700
+    assert _config(_parse(["--out", str(tmp_path), "--distill-trajectories", "700"])).distill_trajectories == 700
+    assert _config(_parse(["--out", str(tmp_path)])).distill_trajectories == 700
     with pytest.raises(SystemExit, match="other settings"):
         _config(_parse(["--out", str(tmp_path), "--teacher-steps", "1"]))
+
+
+def test_a_run_folder_from_an_older_recipe_is_refused(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from edgediff.models.train import RunConfig, _config, _parse
+
+    (tmp_path / "config.json").write_text(json.dumps({**asdict(RunConfig()), "refine_steps": 700}))
+    with pytest.raises(SystemExit, match="older recipe.*refine_steps"):
+        _config(_parse(["--out", str(tmp_path)]))

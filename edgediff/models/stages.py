@@ -1,4 +1,5 @@
-"""The three training stages: VAE, teacher (text encoder + U-Net), LCM distillation of the student.
+"""The first training stages, VAE and teacher (text encoder + U-Net), and the loop every stage runs in; the
+student's distillation is in distill.py.
 
 Each stage is a loop of `steps` optimizer steps that checkpoints every few minutes (checkpoints.py) and
 resumes from its checkpoint; `train.py` strings them together and owns the run folder.
@@ -19,15 +20,13 @@ import torch.nn.functional as F
 
 from . import architecture as arch
 from . import checkpoints, data
-from .diffusion import DdimSolver, NoiseSchedule, consistency_boundary, ema_update, guidance_embedding, lr_at
+from .diffusion import NoiseSchedule, ema_update, lr_at
 
 WARMUP_STEPS = 100
 GRAD_CLIP = 1.0
 KL_WEIGHT = 1e-5  # per latent element: keeps the latent scale in check without blurring the reconstruction
 EDGE_WEIGHT = 0.5  # an L1 loss on image gradients: crisp corners are what tell squares from circles
 TEACHER_EMA = 0.999
-TARGET_EMA = 0.95  # LCM's target network (Luo et al. 2023 use 0.95)
-HUBER_C = 1e-3  # the pseudo-Huber constant of diffusers' LCM distillation
 SCENE_WEIGHT = 0.5  # the auxiliary scene loss (a sum of 5 cross-entropies) against the v loss (~0.2 at the start)
 
 
@@ -242,71 +241,3 @@ def teacher_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, s
                "scene_head": scene_head}
     loop = Loop("teacher", steps, state_path, modules, {"teacher": optimizer}, step, checkpoint_seconds)
     return (ema_text, ema_unet), loop
-
-
-# ---------------------------------------------------------------------------------------------------------
-# LCM distillation
-
-
-def distill_loop(cfg: arch.ModelConfig, ds: data.Dataset, latents: np.ndarray, text_encoder, teacher, seed: int,
-                 steps: int, batch: int, lr: float, state_path: Path, checkpoint_seconds: float, *,
-                 init_student=None, guidance_range: tuple[float, float] = arch.GUIDANCE_RANGE):
-    """Latent consistency distillation (Luo et al. 2023, Algorithm 1), as diffusers' train_lcm_distill_sd does.
-
-    The student, at a segment's start, must agree with the target network (an EMA of itself) at the segment's
-    end, where the teacher's guided DDIM step took the same noisy latent; w is drawn per sample and given to the
-    student as LCM's guidance embedding. The text encoder is the teacher's, frozen. `init_student` and
-    `guidance_range` let a second pass refine a distilled student on a narrower w range."""
-    torch.manual_seed(seed + 2)
-    for module in (text_encoder, teacher):
-        module.eval().requires_grad_(False)
-    student = (init_student if init_student is not None else arch.student_from_teacher(teacher, cfg.unet)).train()
-    target = copy.deepcopy(student).eval().requires_grad_(False)
-    optimizer = _optimizer(student.parameters(), lr, 0.0)
-    schedule = NoiseSchedule()
-    solver = DdimSolver(schedule)
-    latents_t = torch.from_numpy(latents)
-    w_min, w_max = guidance_range
-    dim = cfg.unet.guidance_embedding_dim
-    with torch.no_grad():
-        uncond = text_encoder(input_ids=torch.from_numpy(data.null_tokens()[None])).last_hidden_state
-
-    def step(i: int) -> float:
-        _set_lr(optimizer, lr_at(i, steps, lr, WARMUP_STEPS))
-        # The student always sees a prompt; the teacher's unconditional half sees the empty one.
-        index, ids = data.sample_batch(ds, seed, "distill", i, batch, null_p=0.0)
-        x0 = latents_t[index]
-        g = torch.Generator().manual_seed(data.torch_seed(seed, "distill", i))
-        segment = torch.randint(0, solver.segments, (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        w = w_min + (w_max - w_min) * torch.rand(batch, generator=g)
-        t = solver.timesteps[segment]
-        x_t = schedule.add_noise(x0, noise, t)
-        w_emb = guidance_embedding(w, dim)
-        with torch.no_grad():
-            hidden = text_encoder(input_ids=torch.from_numpy(ids)).last_hidden_state
-            both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                           torch.cat([hidden, uncond.expand_as(hidden)])).sample
-            v_cond, v_uncond = both.chunk(2)
-            x0_c, eps_c = schedule.from_v(x_t, v_cond, t)
-            x0_u, eps_u = schedule.from_v(x_t, v_uncond, t)
-            scale = w.view(-1, 1, 1, 1)
-            x_prev = solver.step(x0_c + scale * (x0_c - x0_u), eps_c + scale * (eps_c - eps_u), segment)
-            t_prev = solver.end_timesteps(segment)
-            x0_target, _ = schedule.from_v(x_prev, target(x_prev, t_prev, hidden, timestep_cond=w_emb).sample, t_prev)
-            c_skip, c_out = consistency_boundary(t_prev)
-            wanted = c_skip * x_prev + c_out * x0_target
-        x0_student, _ = schedule.from_v(x_t, student(x_t, t, hidden, timestep_cond=w_emb).sample, t)
-        c_skip, c_out = consistency_boundary(t)
-        predicted = c_skip * x_t + c_out * x0_student
-        loss = (torch.sqrt((predicted - wanted).pow(2) + HUBER_C**2) - HUBER_C).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-        optimizer.step()
-        ema_update(target, student, TARGET_EMA)
-        return loss.item()
-
-    loop = Loop("distill", steps, state_path, {"student": student, "target": target}, {"student": optimizer}, step,
-                checkpoint_seconds)
-    return target, loop

@@ -4,13 +4,12 @@ Stages, each resumable (`--resume`) from the checkpoint it writes every few minu
   data     render the coloured-shapes dataset once into DIR/data (cached arrays)
   vae      the KL autoencoder (32x32 RGB <-> 8x8x4), then every image encoded once into DIR/latents.npy
   teacher  text encoder + U-Net (v-prediction, classifier-free guidance dropout), kept as EMA weights
-  distill  the LCM student with a guidance embedding, distilled from the teacher
-  refine   optional (--refine-steps N): more distillation from the student on a narrower guidance range
+  distill  the LCM student with a guidance embedding, distilled on the teacher's guided trajectories (distill.py)
   export   a diffusers pipeline folder (DIR/pipeline) -> the edgediff bundle (DIR/bundle, or --bundle-out)
 `--stage all` runs whatever is not done yet, in order. A finished stage leaves a folder (DIR/vae, DIR/teacher,
-DIR/student, DIR/student-refined) and is skipped afterwards; delete the folder to redo it. The run's settings are
-kept in DIR/config.json; a later call may leave them out but not contradict them (settings the run predates are
-added).
+DIR/student) and is skipped afterwards; delete the folder to redo it. The run's settings are kept in
+DIR/config.json; a later call may leave them out but not contradict them (settings the run predates are added).
+A run folder from an older recipe (settings this code no longer has) is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from pathlib import Path
 # a descheduled sibling made a training step up to 10x slower; sleeping waits cost ~20% when the machine is idle.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-STAGES = ("vae", "teacher", "distill", "refine", "export")
+STAGES = ("vae", "teacher", "distill", "export")
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,11 @@ class RunConfig:
     distill_steps: int = 1500
     distill_batch: int = 96
     distill_lr: float = 2e-4
-    # refine: more distillation from the student with w in [refine_w_min, refine_w_max] (0 steps: skipped). 700 steps
-    # at w in [2, 4] moved two-object adherence at 4 steps from 68 % to 72-76 % (docs/builtin-model.md).
-    refine_steps: int = 0
-    refine_batch: int = 96
-    refine_lr: float = 1e-4
-    refine_w_min: float = 2.0
-    refine_w_max: float = 4.0
+    distill_trajectories: int = 6144  # the teacher's solutions the student learns from (~6 min to solve)
+    # LCM's w (guidance scale - 1) of those solutions: a range around the shipped default (guidance 4) beat
+    # LCM's usual [1, 14]-like ranges for binding (docs/builtin-model.md)
+    distill_w_min: float = 1.5
+    distill_w_max: float = 3.5
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -75,6 +72,9 @@ def _config(args: argparse.Namespace) -> RunConfig:
     """The run's config: DIR/config.json where it exists, else the defaults; explicit flags must agree."""
     path = args.out / "config.json"
     stored = json.loads(path.read_text()) if path.is_file() else None
+    if stored and set(stored) - {f.name for f in fields(RunConfig)}:
+        unknown = sorted(set(stored) - {f.name for f in fields(RunConfig)})
+        raise SystemExit(f"{args.out} was made by an older recipe (settings {unknown} are gone); use a new --out")
     config = RunConfig(**stored) if stored else RunConfig()
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
     if stored:
@@ -203,40 +203,32 @@ class Run:
         return CLIPTextModel.from_pretrained(folder / "text_encoder"), UNet2DConditionModel.from_pretrained(folder / "unet")
 
     def stage_distill(self) -> None:
-        from .stages import distill_loop
+        from . import architecture as arch
+        from .distill import distill_loop, make_pool
 
         c = self.config
         if (self.out / "student").is_dir():
             return
         text_encoder, teacher = self._teacher()
-        student, loop = distill_loop(self.model, self.data, self.latents(), text_encoder, teacher, c.seed,
-                                     c.distill_steps, c.distill_batch, c.distill_lr,
+        pool_path = self.out / "trajectories.npz"
+        began = time.time()
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % 1024 == 0:
+                self.log(f"teacher trajectories: {done}/{total}")
+
+        pool = make_pool(pool_path, text_encoder, teacher, self.data, c.seed, c.distill_trajectories,
+                         (c.distill_w_min, c.distill_w_max), progress=progress)
+        self.log(f"{c.distill_trajectories} teacher trajectories in {time.time() - began:.0f} s")
+        student, loop = distill_loop(self.model, pool, text_encoder, arch.student_from_teacher(teacher, self.model.unet),
+                                     c.seed, c.distill_steps, c.distill_batch, c.distill_lr,
                                      self.out / "state-distill.safetensors", self.checkpoint_seconds)
         self._run(loop)
         tmp = _scratch(self.out, "student")
         student.save_pretrained(tmp / "unet", safe_serialization=True)
         _publish(tmp, self.out / "student")
         (self.out / "state-distill.safetensors").unlink(missing_ok=True)
-
-    def stage_refine(self) -> None:
-        from diffusers import UNet2DConditionModel
-
-        from .stages import distill_loop
-
-        c = self.config
-        if c.refine_steps == 0 or (self.out / "student-refined").is_dir():
-            return
-        text_encoder, teacher = self._teacher()
-        student, loop = distill_loop(self.model, self.data, self.latents(), text_encoder, teacher, c.seed + 1,
-                                     c.refine_steps, c.refine_batch, c.refine_lr,
-                                     self.out / "state-refine.safetensors", self.checkpoint_seconds,
-                                     init_student=UNet2DConditionModel.from_pretrained(self.out / "student" / "unet"),
-                                     guidance_range=(c.refine_w_min, c.refine_w_max))
-        self._run(loop)
-        tmp = _scratch(self.out, "student-refined")
-        student.save_pretrained(tmp / "unet", safe_serialization=True)
-        _publish(tmp, self.out / "student-refined")
-        (self.out / "state-refine.safetensors").unlink(missing_ok=True)
+        pool_path.unlink(missing_ok=True)
 
     def stage_export(self, teacher: bool = False) -> Path:
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -249,8 +241,7 @@ class Run:
 
         text_encoder, unet = self._teacher()
         if not teacher:
-            refined = self.out / "student-refined"
-            unet = UNet2DConditionModel.from_pretrained((refined if refined.is_dir() else self.out / "student") / "unet")
+            unet = UNet2DConditionModel.from_pretrained(self.out / "student" / "unet")
         pipeline = self.out / ("pipeline-teacher" if teacher else "pipeline")
         tmp = _scratch(self.out, pipeline.name)
         arch.save_pipeline(tmp, text_encoder, unet, AutoencoderKL.from_pretrained(self.out / "vae"), teacher=teacher)
