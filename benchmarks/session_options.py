@@ -13,6 +13,7 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +42,22 @@ def feeds_for(component) -> dict[str, np.ndarray]:
     return feeds
 
 
+def profile_by_op_type(trace: Path, top: int) -> list[dict]:
+    """The last run's kernel time per op type, longest first, from ONNX Runtime's Chrome-trace profile."""
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    start = runs[-1]["ts"] if runs else 0
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            op = e.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1e6
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [{"op_type": op, "s": round(t, 4), "share": round(t / whole, 3)} for op, t in ranked]
+
+
 def clock(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
@@ -58,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--graph", type=Path, help="run this graph file instead of the component's (same inputs)")
     p.add_argument("--cached", action="store_true",
                    help="load through edgediff's graph cache (level all: optimised once, then loaded as saved)")
+    p.add_argument("--profile", type=int, metavar="N", default=0,
+                   help="also print the N op types that took longest in the last run (ONNX Runtime's profiler)")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -65,6 +84,9 @@ def main(argv=None) -> int:
     component = read_manifest(args.bundle).components[args.component]
     chosen = {"graph_optimization_level": args.level, "disable_prepacking": args.prepack == "off"}
     options = session_options(ort, chosen, threads=None, lean=args.lean)
+    if args.profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "edgediff-session-profile")
     path = str(args.graph or args.bundle / component.file)
     if args.cached:
         session, load_wall, load_cpu = clock(lambda: graph_cache.open_session(
@@ -75,12 +97,14 @@ def main(argv=None) -> int:
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     feeds = feeds_for(component)
     runs = [clock(lambda: session.run(None, feeds))[1:] for _ in range(args.runs)]
+    op_types = profile_by_op_type(Path(session.end_profiling()), args.profile) if args.profile else None
     print(json.dumps({
         "component": args.component, "graph": path, "level": args.level, "prepack": args.prepack,
         "lean": args.lean, "cached": args.cached,
         "load_s": load_wall, "load_cpu_s": load_cpu, "rss_after_load_bytes": rss_after_load,
         "runs_s": [r[0] for r in runs], "runs_cpu_s": [r[1] for r in runs],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **({"last_run_by_op_type": op_types} if op_types else {}),
     }))
     return 0
 
