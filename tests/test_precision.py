@@ -62,6 +62,24 @@ def test_int8_graph_is_qdq_with_a_layer_report(int8_bundle, component):
     assert c["parity"]["psnr_db"] >= c["parity"]["min_psnr_db"] and c["parity"]["against"] == "fp32 graph"
 
 
+def test_int8_linears_write_float_so_onnxruntime_fuses_them(int8_bundle, tmp_path):
+    """A quantized linear's output is not re-quantized: ONNX Runtime then runs MatMulIntegerToFloat (int8 inputs,
+    float output) rather than QLinearMatMul followed by a DequantizeLinear pass over its output."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(int8_bundle / "unet" / "model.onnx"), load_external_data=False)
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    linears = [n for n in model.graph.node if n.op_type == "MatMul" and "DequantizeLinear" in
+               {p.op_type for p in model.graph.node if p.output[0] in n.input}]
+    assert linears and all(consumers.get(n.output[0]) != "QuantizeLinear" for n in linears)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(int8_bundle / "unet" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node}
+    assert "MatMulIntegerToFloat" in ops and "QLinearMatMul" not in ops
+
+
 def test_int8_activations_are_symmetric_uint8(int8_bundle):
     """Zero point 128 everywhere: exactly int8 with zero point 0, shifted, so TensorRT can take the Q/DQ pairs."""
     from onnx import numpy_helper
