@@ -105,6 +105,36 @@ def test_distillation_targets_are_the_teachers_guided_ddim_solution():
             x = scheduler.step(v_u + (w + 1).view(-1, 1, 1, 1) * (v_c - v_u), t, x).prev_sample
     np.testing.assert_allclose(ends.numpy(), x.numpy(), atol=1e-4)
 
+def test_the_trajectory_pool_is_reused_only_for_the_same_teacher(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from edgediff.models import architecture as arch
+    from edgediff.models import data, distill
+
+    torch.manual_seed(0)
+    ds = data.load_or_make(tmp_path / "data", 20, 0)
+    text_encoder = arch.build_text_encoder(arch.TINY.text)
+    teacher = arch.build_unet(arch.TINY.unet, arch.TINY.text.hidden_size, student=False)
+    path = tmp_path / "trajectories.npz"
+    first = distill.make_pool(path, text_encoder, teacher, ds, 0, 3, (1.5, 3.5))
+    assert first["states"].shape[:2] == (3, arch.ORIGINAL_INFERENCE_STEPS) and path.is_file()
+    solved = []
+    monkeypatch.setattr(distill, "solve", _counting(distill.solve, solved))
+    again = distill.make_pool(path, text_encoder, teacher, ds, 0, 3, (1.5, 3.5))
+    assert not solved and np.array_equal(again["ends"], first["ends"])
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.1)
+    changed = distill.make_pool(path, text_encoder, teacher, ds, 0, 3, (1.5, 3.5))
+    assert solved and not np.array_equal(changed["ends"], first["ends"])
+
+
+def _counting(fn, calls: list):
+    def wrapper(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapper
+
+
 def test_caption_augmentations_keep_captions_well_formed():
     from edgediff.models import architecture as arch
     from edgediff.models import data

@@ -59,9 +59,12 @@ def solve(text_encoder, teacher, ids: np.ndarray, noise: torch.Tensor, w: torch.
 
 def make_pool(path: Path, text_encoder, teacher, ds: data.Dataset, seed: int, n: int,
               guidance_range: tuple[float, float], progress=None) -> dict[str, np.ndarray]:
-    """Solve n trajectories (or load them from `path`, written by an earlier call with the same settings)."""
+    """Solve n trajectories (or load them from `path`, written by an earlier call with the same settings and
+    teacher: a resumed stage)."""
     w_min, w_max = guidance_range
-    settings = np.asarray([seed, n, w_min, w_max], np.float64)
+    with torch.no_grad():
+        fingerprint = float(sum(p.double().abs().sum() for p in [*teacher.parameters(), *text_encoder.parameters()]))
+    settings = np.asarray([seed, n, w_min, w_max, fingerprint], np.float64)
     if path.is_file():
         with np.load(path) as stored:
             if np.array_equal(stored["settings"], settings):
