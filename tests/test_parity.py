@@ -101,3 +101,14 @@ def test_image_to_image_matches_diffusers_by_seed(bundle, checkpoint):
                                        guidance_scale=7.5, seed=4, output_type="np")
     assert len(out.timings["steps"]) == 3  # int(5 * 0.6) steps from the end of the schedule
     np.testing.assert_allclose(out.images, ref, atol=TOLERANCE, rtol=0)
+
+
+def test_unet_graphs_run_geglu_as_two_linears_without_a_slice(bundle):
+    """The exporter splits each GEGLU projection into value and gate linears (export/specs.py): the graph must
+    hold both halves and no Slice of a projection's output, and still match diffusers (the tests above)."""
+    onnx = pytest.importorskip("onnx")
+
+    graph = onnx.load(str(bundle("sd1") / "unet" / "model.onnx"), load_external_data=False).graph
+    names = [n.name for n in graph.node]
+    assert any("/ff/net.0/value/" in n for n in names) and any("/ff/net.0/gate/" in n for n in names)
+    assert not any("/ff/net.0/" in n.name for n in graph.node if n.op_type in ("Slice", "Split"))
