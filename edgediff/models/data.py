@@ -25,7 +25,8 @@ NULL_PROMPT_P = 0.1  # classifier-free guidance: the empty prompt, learnt as the
 UNKNOWN_WORD_P = 0.05  # an unknown word inserted somewhere: prompts with words outside the grammar still work
 FULL_STOP_P = 0.1  # a final "."
 
-STAGE_CODES = {"vae": 1, "teacher": 2, "trajectory": 4, "trajectory-train": 5}  # 3: the retired bootstrapped distillation
+# random streams per stage (3 was the retired bootstrapped distillation's)
+STAGE_CODES = {"vae": 1, "teacher": 2, "trajectory": 4, "trajectory-train": 5}
 # What each image shows, in canonical form (stages.py's auxiliary loss teaches the text encoder to say it):
 # relation axis (none, horizontal, vertical), then colour and shape of the left or upper object, then of the
 # other one ("none" as the last class for a single object).

@@ -220,9 +220,10 @@ class Run:
         pool = make_pool(pool_path, text_encoder, teacher, self.data, c.seed, c.distill_trajectories,
                          (c.distill_w_min, c.distill_w_max), progress=progress)
         self.log(f"{c.distill_trajectories} teacher trajectories in {time.time() - began:.0f} s")
-        student, loop = distill_loop(self.model, pool, text_encoder, arch.student_from_teacher(teacher, self.model.unet),
-                                     c.seed, c.distill_steps, c.distill_batch, c.distill_lr,
-                                     self.out / "state-distill.safetensors", self.checkpoint_seconds)
+        student = arch.student_from_teacher(teacher, self.model.unet)
+        student, loop = distill_loop(self.model, pool, text_encoder, student, c.seed, c.distill_steps,
+                                     c.distill_batch, c.distill_lr, self.out / "state-distill.safetensors",
+                                     self.checkpoint_seconds)
         self._run(loop)
         tmp = _scratch(self.out, "student")
         student.save_pretrained(tmp / "unet", safe_serialization=True)
