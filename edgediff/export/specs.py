@@ -89,7 +89,9 @@ def split_gated_linears(model: torch.nn.Module) -> int:
 
 
 class _UNet(torch.nn.Module):
-    """Positional inputs in spec order; SDXL's `text_embeds` and `time_ids` become diffusers' added_cond_kwargs."""
+    """Positional inputs in spec order; SDXL's `text_embeds` and `time_ids` become diffusers' added_cond_kwargs.
+    The U-Net's GEGLUs are split in place (the exporter loaded it, nothing else holds it), so the parity gate
+    runs the very module that was traced."""
 
     def __init__(self, unet, names: tuple[str, ...]):
         super().__init__()
