@@ -5,7 +5,8 @@ Two formats, told apart by their keys:
   `.alpha`; `lora_te_` for the text encoder. The path is the diffusers module path with dots as underscores, so
   it is matched against the loaded module's own names (no hand-written key tables to go stale).
 - diffusers / PEFT: `unet.<path>.lora_A.weight`, `.lora_B.weight` (or the older `.lora.down.weight`,
-  `.lora.up.weight`, and for text encoders `.lora_linear_layer.down.weight`), alpha in the file's `lora_adapter_metadata` (else alpha = rank, PEFT's default).
+  `.lora.up.weight`, and for text encoders `.lora_linear_layer.down.weight`), alpha in the file's
+  `lora_adapter_metadata` (else alpha = rank, PEFT's default).
 
 Fusing is done on the torch module, so the parity gate then proves the exported graph against the fused weights.
 A LoRA none of whose layers exist in the model, or whose layers exist with other shapes, is refused by name.

@@ -69,7 +69,8 @@ def make_pool(path: Path, text_encoder, teacher, ds: data.Dataset, seed: int, n:
         with np.load(path) as stored:
             if np.array_equal(stored["settings"], settings):
                 return {k: stored[k] for k in ("ids", "w", "states", "ends")}
-    schedule, solver = NoiseSchedule(), DdimSolver(NoiseSchedule())
+    schedule = NoiseSchedule()
+    solver = DdimSolver(schedule)
     text_encoder.eval().requires_grad_(False)
     teacher.eval().requires_grad_(False)
     parts: dict[str, list] = {"ids": [], "w": [], "states": [], "ends": []}
@@ -101,7 +102,8 @@ def distill_loop(cfg: arch.ModelConfig, pool: dict[str, np.ndarray], text_encode
     student.train()
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = _optimizer(student.parameters(), lr, 0.0)
-    schedule, solver = NoiseSchedule(), DdimSolver(NoiseSchedule())
+    schedule = NoiseSchedule()
+    solver = DdimSolver(schedule)
     states, ends = torch.from_numpy(pool["states"]), torch.from_numpy(pool["ends"])
     w_all, ids_all = torch.from_numpy(pool["w"]), pool["ids"]
     dim = cfg.unet.guidance_embedding_dim
