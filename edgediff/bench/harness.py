@@ -119,8 +119,24 @@ def summarize(renders: list[dict], batch: int) -> dict:
     return summary
 
 
+def instruction_set() -> str:
+    """The widest x86 vector instructions this CPU offers for ONNX Runtime's int8 and float kernels, as the
+    CPUID that NumPy reads reports it (so an emulator's CPU model shows as that model): "avx512_vnni",
+    "avx_vnni" (AVX2 with VNNI), "avx512", "avx2" or "baseline"."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # NumPy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    for name, flags in (("avx512_vnni", ("AVX512VNNI",)), ("avx_vnni", ("AVXVNNI",)), ("avx512", ("AVX512BW",)),
+                        ("avx2", ("AVX2",))):
+        if all(features.get(f) for f in flags):
+            return name
+    return "baseline"
+
+
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
+            "instruction_set": instruction_set()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
