@@ -22,7 +22,7 @@ import numpy as np
 
 from edgediff.bundle import SchedulerConfig
 from edgediff.runtime import schedules
-from edgediff.runtime.denoise import Conditioning, make_denoiser
+from edgediff.runtime.denoise import make_denoiser
 from edgediff.runtime.noise import make_noise
 from edgediff.runtime.samplers import SAMPLERS
 
@@ -36,19 +36,16 @@ def per_step_seconds(name: str, shape: tuple[int, ...], steps: int, repeats: int
     batch = shape[0] * (2 if guidance else 1)
     # The "model": a fixed prediction, returned without work. Small values keep the loop away from denormals.
     prediction = (np.random.default_rng(0).standard_normal((batch, *shape[1:])) * 0.1).astype(np.float32)
-    outputs = {"out_sample": prediction}
 
-    def unet(**feeds):
-        return outputs
+    def unet(sample, timestep):
+        return prediction
 
-    cond = np.zeros((shape[0], 77, 768), np.float32)
-    conditioning = Conditioning(cond, cond if guidance else None, 7.5 if guidance else 1.0)
     prediction_type = "flow" if info.convention == "flow" else "epsilon"
     extra = {"targets": sched.targets} if sched.targets is not None else {}
     best = float("inf")
     for _ in range(repeats):
         rng = make_noise(0, "torch")
-        denoise = make_denoiser(unet, conditioning, prediction_type, sched.timestep_for,
+        denoise = make_denoiser(unet, prediction_type, sched.timestep_for, guidance_scale=7.5 if guidance else None,
                                 lcm_timestep_scaling=10.0 if info.convention == "lcm" else None)
         x = rng.randn(shape) * np.float32(sched.init_noise_sigma)
         start = time.perf_counter()

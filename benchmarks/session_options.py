@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgediff.bundle import read_manifest  # noqa: E402
 from edgediff.runtime import graph_cache  # noqa: E402
-from edgediff.runtime.sessions import session_options  # noqa: E402
+from edgediff.runtime.backends.ort import session_options  # noqa: E402
 
 SIZES = {"batch": 1, "sequence": 77, "latent_height": 64, "latent_width": 64, "height": 512, "width": 512}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .runtime.backends import BACKENDS
 
 USAGE_ERROR = 2
 
@@ -21,7 +22,7 @@ USAGE_ERROR = 2
 def _user_errors() -> tuple[type[Exception], ...]:
     from .bundle import BundleError
     from .runtime.images import ImageInputError
-    from .runtime.pipeline import RenderError
+    from .runtime.plan import RenderError
     from .runtime.sessions import FeedError
 
     return BundleError, RenderError, ImageInputError, FeedError
@@ -78,7 +79,8 @@ def main():
 @click.option("--image", "init_image", type=click.Path(path_type=Path), help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="Image-to-image: how much of the init image to repaint (0..1].")
-@click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="cpu", show_default=True,
+              help="Where the models run: " + "; ".join(f"{b.name}: {b.description}" for b in BACKENDS.values()) + ".")
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
 @click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
@@ -113,11 +115,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
             bar.close()
     for w in out.warnings:
         click.echo(f"warning: {w}", err=True)
-    d = pipe.manifest.defaults
-    image = out.images[0]
-    info, schedule = pipe.resolve_sampler(sampler, schedule)
-    params = _parameters_text(prompt, negative, steps or d.steps, sampler or d.sampler, schedule,
-                              d.guidance_scale if guidance is None else guidance, seed, image.size, pipe.root)
+    params = _parameters_text(prompt, negative, out.plan, pipe.root)
     paths = [output] if len(out.images) == 1 else [
         output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
     ]
@@ -142,13 +140,16 @@ def _check_sampling_names(sampler, schedule) -> None:
         raise RenderError(str(e)) from None
 
 
-def _parameters_text(prompt, negative, steps, sampler, schedule, guidance, seed, size, bundle) -> str:
+def _parameters_text(prompt, negative, plan, bundle) -> str:
+    """The PNG's `parameters` chunk, in the layout the popular UIs write and read."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
+    extra = "".join(f", {name}: {value:g}" for name, value in (("Denoising strength", plan.strength),
+                                                               ("Eta", plan.eta)) if value is not None)
     lines.append(
-        f"Steps: {steps}, Sampler: {sampler}, Schedule: {schedule}, CFG scale: {guidance:g}, Seed: {seed}, "
-        f"Size: {size[0]}x{size[1]}, "
+        f"Steps: {plan.steps}, Sampler: {plan.sampler}, Schedule: {plan.schedule}, CFG scale: {plan.guidance_scale:g}, "
+        f"Seed: {plan.seed}, Size: {plan.width}x{plan.height}{extra}, "
         f"Model: {Path(bundle).name}, Engine: edgediff {__version__}"
     )
     return "\n".join(lines)

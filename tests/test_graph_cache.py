@@ -8,7 +8,7 @@ import pytest
 from edgediff import Pipeline
 from edgediff.bundle import read_manifest
 from edgediff.runtime import graph_cache
-from edgediff.runtime.sessions import CACHE_OPTION, session_options
+from edgediff.runtime.backends.ort import CACHE_OPTION, session_options
 
 ort = pytest.importorskip("onnxruntime")
 CPU = ["CPUExecutionProvider"]

@@ -15,7 +15,7 @@ import pytest
 
 from edgediff.bundle import SchedulerConfig
 from edgediff.runtime import schedules
-from edgediff.runtime.denoise import Conditioning, make_denoiser
+from edgediff.runtime.denoise import make_denoiser
 from edgediff.runtime.noise import TorchNoise
 from edgediff.runtime.samplers import PRESETS, SAMPLERS, resolve
 
@@ -36,8 +36,8 @@ def toy(x, t):
     return x * float(c) + 0.1 * torch.sin(x)
 
 
-def fake_unet(sample, timestep, encoder_hidden_states, **_):
-    return {"out_sample": toy(sample, timestep[0])}
+def fake_unet(sample, timestep):
+    return toy(sample, timestep[0])
 
 
 SCHEDULER = {
@@ -108,8 +108,7 @@ def our_trajectory(sampler, schedule, prediction, spacing, steps, gamma=0.3):
     rng = TorchNoise(SEED)
     x = rng.randn(SHAPE) * np.float32(sched.init_noise_sigma)
     alpha_space = info.convention not in ("euler", "flow")
-    denoise = make_denoiser(fake_unet, Conditioning(np.zeros((1, 1, 1), np.float32)),
-                            "flow" if sampler == "flow_euler" else prediction, sched.timestep_for,
+    denoise = make_denoiser(fake_unet, "flow" if sampler == "flow_euler" else prediction, sched.timestep_for,
                             lcm_timestep_scaling=cfg.timestep_scaling if sampler == "lcm" else None)
     out = []
 
@@ -218,8 +217,7 @@ def test_img2img_tails_match_diffusers_begin_index():
         rng = TorchNoise(SEED)
         x0, z = rng.randn(SHAPE), rng.randn(SHAPE)
         ours = x0 + z * np.float32(sched.init_noise_sigma)
-        denoise = make_denoiser(fake_unet, Conditioning(np.zeros((1, 1, 1), np.float32)), "epsilon",
-                                sched.timestep_for)
+        denoise = make_denoiser(fake_unet, "epsilon", sched.timestep_for)
         extra = {"targets": sched.targets} if sched.targets is not None else {}
         ours = info.fn(denoise, ours, sched.sigmas, noise=rng.randn, **extra) * np.float32(sched.final_scale)
         theirs = x.numpy()

@@ -158,7 +158,7 @@ def test_turbo_preset_runs_euler_a_trailing_unguided(pipes):
                  generator=torch.Generator().manual_seed(3)).images
     out = turbo(PROMPTS, height=H, width=W, seed=3, output_type="np")
     np.testing.assert_allclose(out.images, theirs, atol=TOLERANCE, rtol=0)
-    assert turbo.resolve_sampler()[1] == "trailing"
+    assert (out.plan.sampler, out.plan.schedule, out.plan.steps) == ("euler_a", "trailing", 2)
 
 
 def test_numpy_noise_is_its_own_reproducible_stream(pipes):

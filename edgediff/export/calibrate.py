@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.sessions import Session, SessionBase, SessionSettings
+
 PROMPTS = (
     "a photograph of an astronaut riding a horse",
     "a watercolour painting of a lighthouse on a cliff at sunset",
@@ -39,43 +41,46 @@ class Calibration:
             raise ValueError(f"calibration needs more prompts ({len(self.prompts)}) than held out ({self.held_out})")
 
 
-class _Recorder:
+class _Recorder(SessionBase):
     """A session that keeps a copy of every feed (the denoiser reuses its input buffer between steps)."""
 
-    def __init__(self, session, store: list):
+    def __init__(self, session: Session, store: list):
+        super().__init__(getattr(session, "name", "recorded"), session.inputs, session.outputs)
         self._session = session
         self._store = store
-        self.inputs, self.outputs = session.inputs, session.outputs
 
-    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._store[-1].append({k: np.array(v, copy=True) for k, v in feeds.items()})
         return self._session(**feeds)
+
+    def close(self) -> None:
+        self._session.close()
 
 
 def record_trajectories(
     bundle: Path, components: tuple[str, ...], settings: Calibration
 ) -> dict[str, tuple[list[dict], list[dict]]]:
     """Render the prompt set with the bundle at `bundle`; per component, (calibration feeds, held-out gate feeds)."""
+    from ..runtime.backends import open_session
     from ..runtime.pipeline import Pipeline
 
-    class Recording(Pipeline):
-        def session(self, name):
-            session = super().session(name)
-            store = getattr(self, "records", {}).get(name)
-            return session if store is None else _Recorder(session, store)
+    records: dict[str, list[list[dict]]] = {name: [] for name in components}
+    lean = SessionSettings(lean=True)
+
+    def recording(name: str, component) -> Session:
+        session = open_session(bundle, name, component, "cpu", lean)
+        return _Recorder(session, records[name]) if name in records else session
 
     # memory="low": one session at a time, so that calibrating costs no more memory than the largest component
     # (8.9 GB -> about 5 GB for SD-Turbo's fp32 bundle; the reloads cost ~2 s a prompt)
-    pipe = Recording.load(bundle, memory="low")
-    pipe.records = {name: [] for name in components}
+    pipe = Pipeline.load(bundle, memory="low", session_factory=recording)
     d = pipe.manifest.defaults
     steps = settings.steps or min(max(d.steps, 2), 8)
     side = settings.size or max(d.height, d.width)
     for i, prompt in enumerate(settings.prompts):
-        for store in pipe.records.values():
+        for store in records.values():
             store.append([])  # one list per prompt, so prompts (not steps) are held out
         pipe(prompt, num_inference_steps=steps, height=side, width=side, seed=i, output_type="np")
-    records = pipe.records
     del pipe
     split = len(settings.prompts) - settings.held_out
     return {

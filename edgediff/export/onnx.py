@@ -21,7 +21,7 @@ import torch
 
 from ..bundle import FileEntry
 from ..runtime import graph_cache
-from ..runtime.sessions import CACHE_OPTION, session_options
+from ..runtime.backends.ort import CACHE_OPTION, session_options
 from .specs import ComponentSpec
 
 DEFAULT_OPSET = 17

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..runtime.sessions import session_options
+from ..runtime.backends.ort import session_options
 from .onnx import ParityError, default_ort_options, save_graph
 
 PRECISIONS = ("fp32", "fp16", "int8")

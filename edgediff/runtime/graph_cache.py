@@ -62,14 +62,16 @@ def candidate_folders(source: Path, key: str) -> list[Path]:
     return [source.parent / CACHE_FOLDER / key, user_cache_root() / key]
 
 
-def open_session(ort, source: Path, files: tuple[FileEntry, ...], options, providers: list[str], cache: bool):
+def open_session(ort, source: Path, files: tuple[FileEntry, ...], options, providers: list, cache: bool):
     """An InferenceSession on `source` at `options`' level; through the cache if `cache` (the manifest's
-    `cache_optimized_graph`), the level is "all" and the session runs on the CPU alone.
+    `cache_optimized_graph`), the level is "all" and the session runs on the CPU alone. `providers` are names or
+    (name, options) pairs, as onnxruntime takes them.
 
     The first call optimises `source` and saves the result; later calls load the saved graph with optimisations
     off. A cache that cannot be read or written falls back to an ordinary session."""
     level_all = options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    wanted = cache and level_all and providers == ["CPUExecutionProvider"] and enabled()
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    wanted = cache and level_all and names == ["CPUExecutionProvider"] and enabled()
     key = cache_key(ort.__version__, files) if wanted else None
     if key is None:
         return ort.InferenceSession(os.fspath(source), options, providers=providers)

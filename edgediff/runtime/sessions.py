@@ -1,34 +1,41 @@
-"""One Session protocol (`inputs`, `outputs`, `__call__(**feeds) -> dict`) and one class per backend.
+"""The Session protocol every backend implements, and the feed check every backend runs.
+
+A session runs one bundle component. It says what it takes and gives (`inputs`, `outputs`: the manifest's
+signature), runs on keyword feeds (`__call__(**feeds) -> dict`), can hold the feeds that stay the same for a whole
+render (`bind`), and releases what it holds (`close`). Sessions are opened only through the backend registry
+(`runtime.backends.open_session`), never constructed by the pipeline.
 
 Sessions check the names, dtypes and shapes of what they are fed against the manifest's signature and say what
-was expected, so a wrong feed fails with a sentence instead of an ONNX Runtime stack trace.
+was expected, so a wrong feed fails with a sentence instead of a backend's stack trace.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
+import functools
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 
-from ..bundle import BundleError, Component, TensorSpec
-from . import graph_cache
-
-BACKENDS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-
-
-OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
-# ort_options key: load through graph_cache (the "all"-level graph saved once per machine), set by the export for
-# large convolutional graphs whose "all"-level optimisation would otherwise cost seconds at every load.
-CACHE_OPTION = "cache_optimized_graph"
+from ..bundle import BundleError, TensorSpec
 
 
 class FeedError(ValueError):
     """A session was fed something its model does not take."""
+
+
+class BackendError(BundleError):
+    """A backend that cannot run here (an unknown name, a provider or library missing, a silent fallback); the
+    message is one line that says what to install or choose instead."""
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the caller asks of every session, whatever the backend: each backend reads what applies to it."""
+
+    threads: int | None = None  # intra-op threads; None: the backend's own choice
+    # memory="low": no pre-packed weight copies or memory arenas, so what a call allocates goes back when it ends
+    lean: bool = False
 
 
 class Session(Protocol):
@@ -36,6 +43,37 @@ class Session(Protocol):
     outputs: tuple[TensorSpec, ...]
 
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def bind(self, **fixed: np.ndarray) -> Callable[..., dict[str, np.ndarray]]:
+        """A call that takes the remaining feeds, with `fixed` held for a whole render (the text embeddings,
+        SDXL's time ids, LCM's guidance embedding): a GPU backend keeps them on the device and may capture a
+        graph. The values must not change while the bound call is in use."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SessionBase:
+    """What most backends share: the signature, the feed check and a `bind` that just remembers the feeds (enough
+    for a backend whose inputs live in host memory anyway). Subclasses implement `run`."""
+
+    def __init__(self, name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]):
+        self.name = name
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        check_feeds(self.name, self.inputs, feeds)
+        return self.run(feeds)
+
+    def bind(self, **fixed: np.ndarray) -> Callable[..., dict[str, np.ndarray]]:
+        return functools.partial(self.__call__, **fixed)
+
+    def close(self) -> None:
+        pass
 
 
 def check_feeds(name: str, specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray]) -> None:
@@ -50,72 +88,3 @@ def check_feeds(name: str, specs: tuple[TensorSpec, ...], feeds: dict[str, np.nd
             isinstance(d, int) and d != n for d, n in zip(t.shape, value.shape)
         ):
             raise FeedError(f"{name}.{t.name}: shape {value.shape}, expected {tuple(t.shape)}")
-
-
-class OrtSession:
-    """An ONNX Runtime session for one bundle component, on the execution providers named by `backend`."""
-
-    def __init__(
-        self,
-        root: Path,
-        name: str,
-        component: Component,
-        *,
-        backend: str = "cpu",
-        threads: int | None = None,
-        lean: bool = False,
-    ):
-        """`lean` trades a little speed for peak memory: no pre-packed weight copies, no memory arena and no
-        pre-planned activation block, so what a call allocates goes back when the call ends (memory="low")."""
-        import onnxruntime as ort
-
-        if backend not in BACKENDS:
-            raise BundleError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        available = set(ort.get_available_providers())
-        providers = [p for p in BACKENDS[backend] if p in available]
-        if BACKENDS[backend][0] not in available:
-            raise BundleError(
-                f"backend {backend!r} needs {BACKENDS[backend][0]}, which this onnxruntime lacks "
-                f"(it has {', '.join(sorted(available))}); install edgediff[gpu] or use --backend cpu"
-            )
-        options = session_options(ort, component.ort_options, threads, lean)
-        self.name = name
-        self.inputs = component.inputs
-        self.outputs = component.outputs
-        path = root / component.file
-        try:
-            self._session = graph_cache.open_session(
-                ort, path, component.files, options, providers, cache=bool(component.ort_options.get(CACHE_OPTION)))
-        except Exception as e:  # onnxruntime raises its own untyped errors for bad files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None
-        self._output_names = [t.name for t in self.outputs]
-
-    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
-        check_feeds(self.name, self.inputs, feeds)
-        return dict(zip(self._output_names, self._session.run(self._output_names, feeds)))
-
-
-def session_options(ort, chosen: dict, threads: int | None, lean: bool):
-    """ONNX Runtime options from what the export chose for this graph (the manifest's ort_options)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    level = chosen.get("graph_optimization_level", "all")
-    if level not in OPTIMIZATION_LEVELS:
-        raise BundleError(f"unknown graph optimization level {level!r} in the manifest; re-export the bundle")
-    options.graph_optimization_level = {
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    if chosen.get("disable_prepacking") or lean:
-        # Pre-packing copies every GEMM weight into the kernel's layout at load: seconds, and a second copy of
-        # memory-mapped weights (1.2 GB for the SD U-Net); it pays back in speed only when memory is no object.
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        options.intra_op_num_threads = threads
-    if lean:
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-    return options

@@ -1,0 +1,62 @@
+"""The backend registry: the one way a session is opened.
+
+    open_session(root, name, component, backend="cpu", settings=SessionSettings()) -> Session
+
+A backend is a factory `(root, name, component, settings) -> Session` registered under a name with a line that
+describes it. The built-in ones are imported only when first opened, so that importing edgediff needs none of
+their libraries (onnxruntime-gpu, TensorRT, OpenVINO). A new backend is a new module and a line in `_BUILTIN`,
+or a `register_backend` call from outside (tests register a NumPy backend that way).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ...bundle import Component
+from ..sessions import BackendError, Session, SessionSettings
+
+Factory = Callable[[Path, str, Component, SessionSettings], Session]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    factory: str | Factory  # "module:attribute" inside this package until first used, then the callable
+
+
+# name -> (factory as "module:attribute" within this package, what it is)
+_BUILTIN = {
+    "cpu": ("ort:OrtCpuSession", "ONNX Runtime on the CPU, with the export's per-graph options and graph cache"),
+    "cuda": ("ort:OrtCudaSession", "ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu)"),
+    "ort-tensorrt": ("ort:OrtTensorrtSession",
+                     "ONNX Runtime's TensorRT execution provider (needs onnxruntime-gpu and TensorRT)"),
+}
+
+BACKENDS: dict[str, Backend] = {name: Backend(name, text, factory) for name, (factory, text) in _BUILTIN.items()}
+
+
+def register_backend(name: str, factory: Factory, description: str) -> None:
+    """Add (or replace) a backend under `name`."""
+    BACKENDS[name] = Backend(name, description, factory)
+
+
+def backend_factory(name: str) -> Factory:
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if isinstance(backend.factory, str):
+        module, attribute = backend.factory.split(":")
+        factory = getattr(importlib.import_module(f".{module}", __name__), attribute)
+        BACKENDS[name] = Backend(name, backend.description, factory)
+        return factory
+    return backend.factory
+
+
+def open_session(root: Path, name: str, component: Component, backend: str = "cpu",
+                 settings: SessionSettings | None = None) -> Session:
+    """A session for the bundle component `name` on `backend`; BackendError (one line) if it cannot run here."""
+    return backend_factory(backend)(Path(root), name, component, settings or SessionSettings())

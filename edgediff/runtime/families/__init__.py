@@ -1,0 +1,59 @@
+"""What differs per model family, one module each; the render loop and the samplers know none of them.
+
+A family turns prompts into the model's conditioning (which encoders, pooled outputs, size ids, guidance as CFG or
+as an embedding), says the latent layout, and makes the model's call: `model(sample, timestep) -> prediction`
+with the conditioning bound as the session's fixed feeds. Families are looked up by the manifest's `family`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ...bundle import BundleError, Manifest
+from ..plan import RenderPlan
+from ..sessions import Session
+
+# (sample, timestep) -> the model's prediction, for a batch that is doubled under CFG
+Model = Callable[[np.ndarray, np.ndarray], np.ndarray]
+SessionFor = Callable[[str], Session]
+
+
+@dataclass
+class Conditioning:
+    """What the model is conditioned on for one render: its fixed feeds, batched as [uncond, cond] under CFG (as
+    diffusers orders the halves), and the CFG scale (None when CFG is off and the batch runs once)."""
+
+    feeds: dict[str, np.ndarray]
+    batch: int  # images rendered (the latents' batch before CFG doubling)
+    guidance_scale: float | None = None
+
+
+class Family(Protocol):
+    def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
+                  session: SessionFor, warnings: list[str], timer) -> Conditioning: ...
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]: ...
+
+    def model(self, session: Session, conditioning: Conditioning) -> Model: ...
+
+
+# manifest family -> "module:class" in this package
+FAMILIES = {
+    "sd1": "sd:StableDiffusion",
+    "sd2": "sd:StableDiffusion",
+    "sdxl": "sdxl:StableDiffusionXL",
+}
+
+
+def family_for(root: Path, manifest: Manifest) -> Family:
+    where = FAMILIES.get(manifest.family)
+    if where is None:
+        raise BundleError(f"model family {manifest.family!r} is not one this edgediff renders "
+                          f"({', '.join(sorted(FAMILIES))}); update edgediff")
+    module, name = where.split(":")
+    return getattr(importlib.import_module(f".{module}", __name__), name)(root, manifest)

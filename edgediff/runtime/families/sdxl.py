@@ -1,0 +1,36 @@
+"""SDXL (and SDXL-Turbo, Lightning, LCM-SDXL): two CLIP text encoders whose hidden states are concatenated, the
+second's pooled embedding as the U-Net's `text_embeds`, and the size conditioning `time_ids`.
+
+As diffusers' StableDiffusionXLPipeline: with `force_zeros_for_empty_prompt`, no negative prompt at all (not an
+empty one) gives all-zero negative embeddings, pooled included; the original and target sizes in `time_ids` are
+the render's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..plan import RenderPlan
+from ..prompts import time_ids
+from . import Conditioning, SessionFor
+from .sd import StableDiffusion, _cfg_batch, negative_texts
+
+
+class StableDiffusionXL(StableDiffusion):
+    def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
+                  session: SessionFor, warnings: list[str], timer) -> Conditioning:
+        added = self.manifest.added_conditions
+        cfg = self.uses_cfg(plan)
+        zero_negatives = cfg and negative_prompt is None and added is not None and added.force_zeros_for_empty_prompt
+        negatives = negative_texts(negative_prompt, len(prompts)) if cfg and not zero_negatives else None
+        cond, uncond = self.encode(prompts, negatives, session, warnings, timer)
+        if zero_negatives:
+            uncond = cond.zeros_like()
+        conditioning = self.conditioning(cond, uncond, plan)
+        cfg_on = uncond is not None
+        ids = time_ids(plan.height, plan.width, added.crops_coords_top_left if added else (0, 0), conditioning.batch)
+        pooled = cond.repeat(plan.images_per_prompt).pooled
+        pooled_uncond = uncond.repeat(plan.images_per_prompt).pooled if cfg_on else None
+        conditioning.feeds["text_embeds"] = _cfg_batch(pooled_uncond, pooled)
+        conditioning.feeds["time_ids"] = _cfg_batch(ids if cfg_on else None, ids)
+        return conditioning

@@ -1,0 +1,120 @@
+"""The render plan: every choice a render makes, resolved once from the call and the bundle's defaults.
+
+`make_plan` fills what the caller left out from the manifest's defaults, checks each value (one RenderError line
+naming what is wrong), and returns a `RenderPlan` that the render then follows and `PipelineOutput.plan` hands
+back: the CLI writes it into the PNG's parameters instead of resolving names again.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+from ..bundle import Manifest
+from . import schedules
+from .noise import NOISE_KINDS
+from .samplers import SAMPLERS, SamplerInfo, resolve
+
+OUTPUT_TYPES = ("pil", "np")
+
+
+class RenderError(ValueError):
+    """Render arguments the model cannot take; the message says what is wrong and what would do."""
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    sampler: str
+    schedule: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    images_per_prompt: int = 1
+    strength: float | None = None  # image-to-image only: how much of the init image is repainted
+    eta: float | None = None  # the sampler's stochasticity where it has one (DDIM's eta, TCD's gamma)
+    noise: str = "torch"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def resolve_sampler(manifest: Manifest, sampler: str | None, schedule: str | None) -> tuple[str, SamplerInfo, str]:
+    """The sampler (name and entry) and schedule a render runs: the caller's, else the manifest's defaults, else
+    the sampler's own default schedule. A pair that makes no sense (lcm with karras, flow_euler on an epsilon
+    model) is refused."""
+    name = sampler or manifest.defaults.sampler
+    info, schedule = _lookup(resolve, name, schedule, manifest.preset)
+    prediction = manifest.prediction_type
+    if (info.convention == "flow") != (prediction == "flow"):
+        fits = [n for n, s in SAMPLERS.items() if (s.convention == "flow") == (prediction == "flow")]
+        raise RenderError(f"sampler {name!r} does not fit this bundle's {prediction} model; "
+                          f"choose one of {', '.join(fits)}")
+    return name, info, schedule
+
+
+def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: float | None = None,
+              width: int | None = None, height: int | None = None, seed: int | None = 0,
+              sampler: str | None = None, schedule: str | None = None, images_per_prompt: int = 1,
+              strength: float | None = None, eta: float | None = None, noise: str = "torch") -> RenderPlan:
+    """Resolve and check a render's choices; `strength` is given for image-to-image only."""
+    d = manifest.defaults
+    sampler, _, schedule = resolve_sampler(manifest, sampler, schedule)
+    plan = RenderPlan(
+        sampler=sampler, schedule=schedule,
+        steps=_whole("steps", d.steps if steps is None else steps, 1),
+        guidance_scale=_finite("guidance", d.guidance_scale if guidance_scale is None else guidance_scale),
+        width=d.width if width is None else _whole("width", width, 1),
+        height=d.height if height is None else _whole("height", height, 1),
+        seed=int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0),
+        images_per_prompt=_whole("images per prompt", images_per_prompt, 1),
+        strength=None if strength is None else _finite("strength", strength),
+        eta=None if eta is None else _finite("eta", eta), noise=noise,
+    )
+    m = manifest.size_multiple
+    if plan.height % m or plan.width % m:
+        raise RenderError(f"size {plan.width}x{plan.height} is not a multiple of {m} pixels, which this model needs")
+    if plan.strength is not None and not 0.0 < plan.strength <= 1.0:
+        raise RenderError(f"strength must be in (0, 1], got {plan.strength}")
+    if noise not in NOISE_KINDS:
+        raise RenderError(f"unknown noise kind {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
+    return plan
+
+
+def build_schedule(manifest: Manifest, plan: RenderPlan) -> schedules.Schedule:
+    """The plan's schedule, discretised as the sampler's diffusers counterpart does. For img2img it starts part-way
+    as diffusers' img2img pipelines do: LCM folds strength into its distilled timesteps and runs them all
+    (LatentConsistencyModelImg2ImgPipeline), the others run the last int(steps * strength)."""
+    info = SAMPLERS[plan.sampler]
+    lcm = info.convention == "lcm"
+    strength = plan.strength
+    sched = _lookup(schedules.build, manifest.scheduler, info.convention, plan.schedule, plan.steps,
+                    strength=strength if strength is not None and lcm else 1.0)
+    if strength is None:
+        return sched
+    return sched.starting_at(0 if lcm else schedules.img2img_start(len(sched), strength))
+
+
+def _whole(what: str, value, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value) or value < least:
+        raise RenderError(f"{what} must be at least {least} (a whole number), got {value!r}")
+    return int(value)
+
+
+def _finite(what: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise RenderError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _lookup(getter, *args, **kwargs):
+    """The library's ValueError about a bad name or pair, as a RenderError (one line, exit code 2 at the CLI)."""
+    try:
+        return getter(*args, **kwargs)
+    except ValueError as e:
+        raise RenderError(str(e)) from None
