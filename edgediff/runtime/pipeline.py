@@ -16,13 +16,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import BundleError, Manifest, load_manifest
+from ..bundle import BundleError, Manifest, SchedulerConfig, load_manifest
 from . import schedules
 from .denoise import Conditioning, guidance_embedding, make_denoiser
 from .images import decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
 from .noise import make_noise
 from .prompts import Embeddings, PromptEncoder, time_ids
-from .samplers import SAMPLERS, SamplerInfo, resolve
+from .samplers import SAMPLERS, SamplerInfo, SamplerOptions, resolve, sampler_options
 from .sessions import OrtSession
 
 
@@ -169,14 +169,24 @@ class Pipeline:
                               f"choose one of {', '.join(fits)}")
         return info, schedule
 
+    def scheduler_config(self, sampler: str | None = None) -> SchedulerConfig:
+        """The training schedule as the sampler's diffusers class reads the checkpoint's config."""
+        return self.manifest.scheduler.for_sampler(sampler or self.manifest.defaults.sampler)
+
+    def sampler_options(self, sampler: str | None = None, eta: float | None = None) -> SamplerOptions:
+        """eta (None: the sampler's default) and the scheduler's clip_sample, as the sampler's call takes them."""
+        name = sampler or self.manifest.defaults.sampler
+        return _lookup(sampler_options, name, self.scheduler_config(name), eta)
+
     def schedule(self, sampler: str | None, steps: int, strength: float = 1.0, schedule: str | None = None,
-                 *, img2img: bool = False) -> schedules.Schedule:
+                 *, img2img: bool = False, eta: float | None = None) -> schedules.Schedule:
         """The schedule a render runs, discretised as the sampler's diffusers counterpart does. For img2img it
         starts part-way as diffusers' img2img pipelines do: LCM folds strength into its distilled timesteps and
         runs them all (LatentConsistencyModelImg2ImgPipeline), the others run the last int(steps * strength)."""
         info, name = self.resolve_sampler(sampler, schedule)
-        sched = _lookup(schedules.build, self.manifest.scheduler, info.convention, name, steps,
-                        strength=strength if img2img and info.convention == "lcm" else 1.0)
+        sched = _lookup(schedules.build, self.scheduler_config(sampler), info.convention, name, steps,
+                        strength=strength if img2img and info.convention == "lcm" else 1.0,
+                        gamma=self.sampler_options(sampler, eta).gamma)
         if not img2img:
             return sched
         return sched.starting_at(0 if info.convention == "lcm" else schedules.img2img_start(len(sched), strength))
@@ -210,12 +220,14 @@ class Pipeline:
         output_type: str = "pil",
         noise: str = "torch",
         schedule: str | None = None,
+        eta: float | None = None,
     ) -> PipelineOutput:
         timer = Timer()
         d = self.manifest.defaults
         steps = d.steps if num_inference_steps is None else int(num_inference_steps)
         guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
         info, schedule = self.resolve_sampler(sampler, schedule)
+        options = self.sampler_options(sampler, eta)  # DDIM's eta and clip_sample, TCD's gamma
         rng = _lookup(make_noise, seed if seed is not None else int.from_bytes(os.urandom(4), "little"), noise)
         init_image = load_image(image) if image is not None else None
         if init_image is not None and height is None and width is None:
@@ -223,7 +235,7 @@ class Pipeline:
             width, height = (init_image.width // m) * m, (init_image.height // m) * m
         height, width = height or d.height, width or d.width
         self._check(steps, height, width, strength, init_image)
-        sched = self.schedule(sampler, steps, strength, schedule, img2img=init_image is not None)
+        sched = self.schedule(sampler, steps, strength, schedule, img2img=init_image is not None, eta=eta)
         if output_type not in ("pil", "np"):
             raise RenderError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 
@@ -268,7 +280,8 @@ class Pipeline:
             conditioning,
             self.manifest.prediction_type,
             sched.timestep_for,
-            lcm_timestep_scaling=self.manifest.scheduler.timestep_scaling if info.convention == "lcm" else None,
+            lcm_timestep_scaling=self.scheduler_config(sampler).timestep_scaling if info.convention == "lcm" else None,
+            clip_x0=options.denoiser_clip,
         )
         total = len(sched)
         interrupted = False
@@ -283,7 +296,8 @@ class Pipeline:
             return None
 
         extra = {"targets": sched.targets} if sched.targets is not None else {}
-        x = info.fn(denoise, x.astype(np.float32), sched.sigmas, noise=rng.randn, callback=on_step, **extra)
+        x = info.fn(denoise, x.astype(np.float32), sched.sigmas, noise=rng.randn, callback=on_step, **extra,
+                    **options.sampler)
         if not interrupted and sched.final_scale != 1.0:
             x = x * np.float32(sched.final_scale)  # DDIM / TCD stop short of sigma 0, in alpha space
         del denoise  # with memory="low" the U-Net session must be freed before the VAE decoder's is loaded
