@@ -143,6 +143,7 @@ def sample_ddim(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, call
             x += buf
             x0 = clipped
         if eta:
+            assert noise is not None, "ddim with eta > 0 draws noise"
             z = noise(x.shape)
             z *= np.float32(up)
             x += z
