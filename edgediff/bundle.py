@@ -105,7 +105,13 @@ class SchedulerConfig:
     original_inference_steps: int = 50  # LCM: the teacher's schedule that distilled timesteps are drawn from
     timestep_scaling: float = 10.0  # LCM: boundary-condition scaling of the timestep
     set_alpha_to_one: bool = False  # DDIM: whether the last step lands on sigma 0 or on sigma(t=0)
+    clip_sample: bool = False  # DDIM, Heun, LCM: clamp the predicted x0 to +-clip_sample_range
+    clip_sample_range: float = 1.0
     source_class: str = ""
+    # Sampler name -> the fields whose value differs under that sampler's diffusers class: a key the source config
+    # lacks takes each class's own default (DDIMScheduler: set_alpha_to_one and clip_sample true, EulerDiscrete:
+    # neither), and a render must match `ThatClass.from_config(source_config)`.
+    per_sampler: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: dict) -> SchedulerConfig:
@@ -114,6 +120,11 @@ class SchedulerConfig:
         if d.get("trained_betas") is not None:
             d["trained_betas"] = tuple(d["trained_betas"])
         return cls(**d)
+
+    def for_sampler(self, name: str) -> SchedulerConfig:
+        """The training schedule as the sampler's diffusers class reads the source config."""
+        changes = self.per_sampler.get(name)
+        return dataclasses.replace(self, **changes, per_sampler={}) if changes else self
 
 
 @dataclass(frozen=True)

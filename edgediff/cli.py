@@ -72,6 +72,8 @@ def main():
               "(`edgediff samplers` says what each is) [default: the bundle's].")
 @click.option("--schedule", help="discrete, leading, linspace, trailing, sgm_uniform, karras, exponential, lcm "
               "[default: the bundle preset's, else the sampler's own].")
+@click.option("--eta", type=float, help="ddim: stochasticity, 0 deterministic to 1 DDPM-like [default: 0]; tcd: its "
+              "gamma [default: 0.3]. Other samplers take none.")
 @click.option("--noise", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
               help="torch: the seed draws what diffusers' torch CPU generator draws (same seed, same image); "
               "numpy: NumPy's own generator.")
@@ -85,7 +87,7 @@ def main():
 @click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
-           backend, threads, memory, schedule, noise):
+           backend, threads, memory, schedule, noise, eta):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
@@ -97,7 +99,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
             from .runtime.pipeline import RenderError
 
             raise RenderError(f"--num-images must be at least 1, got {num_images}")
-        _check_sampling_names(sampler, schedule)  # before the (slow) load
+        _check_sampling_names(sampler, schedule, eta)  # before the (slow) load
         pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory)
         bar = None
 
@@ -110,7 +112,8 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         width, height = size if size else (None, None)
         out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                    height=height, width=width, num_images_per_prompt=num_images, seed=seed, sampler=sampler,
-                   image=init_image, strength=strength, callback=progress, schedule=schedule, noise=noise)
+                   image=init_image, strength=strength, callback=progress, schedule=schedule, noise=noise,
+                   eta=eta)
         if bar is not None:
             bar.close()
     for w in out.warnings:
@@ -126,14 +129,16 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     click.echo(f"{out.timings['total']:.2f} s ({len(out.timings['steps'])} steps)", err=True)
 
 
-def _check_sampling_names(sampler, schedule) -> None:
+def _check_sampling_names(sampler, schedule, eta=None) -> None:
+    from .bundle import SchedulerConfig
     from .runtime.pipeline import RenderError
-    from .runtime.samplers import resolve
+    from .runtime.samplers import resolve, sampler_options
     from .runtime.schedules import SCHEDULES
 
     try:
         if sampler is not None:
             resolve(sampler, schedule)
+            sampler_options(sampler, SchedulerConfig(), eta)
         elif schedule is not None and schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     except ValueError as e:

@@ -129,6 +129,8 @@ def test_unknown_manifest_version(bundle_copy, tmp_path):
     (("--size", "big"), None),
     (("--steps", "0"), "steps must be at least 1"),
     (("--sampler", "nope"), "unknown sampler 'nope'"),
+    (("--sampler", "euler", "--eta", "0.5"), "sampler 'euler' takes no eta; eta applies to ddim, tcd"),
+    (("--eta", "0.5"), "sampler 'euler' takes no eta"),  # the bundle's default sampler, found after loading
 ])
 def test_bad_render_arguments(bundle, tmp_path, args, message):
     if message is None:  # click's own parameter errors also exit 2
@@ -152,3 +154,28 @@ def test_image_to_image_from_the_command_line(bundle, tmp_path):
     assert r.exit_code == 0, r.output
     with Image.open(png) as im:
         assert im.size == (48, 64)  # the init image's size
+
+
+def test_eta_from_the_command_line(bundle, tmp_path):
+    png = tmp_path / "ddim.png"
+    args = ("render", "a cat", "-m", bundle("sd1"), "--sampler", "ddim", "--steps", "3", "--size", "48x32")
+    r = run(*args, "--eta", "1", "-o", png)
+    assert r.exit_code == 0, r.output
+    with Image.open(png) as im:
+        assert "Eta: 1" in im.text["parameters"]
+        noisy = np.asarray(im)
+    r = run(*args, "-o", tmp_path / "plain.png")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "plain.png") as im:
+        assert np.abs(np.asarray(im).astype(int) - noisy).max() > 0
+
+
+def test_export_refuses_dynamic_thresholding(checkpoint, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("sd1"), src)
+    config = src / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "thresholding": True}))
+    _assert_bad(("export", src, tmp_path / "out"), "sets thresholding", tmp_path)
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from edgediff.bundle import SchedulerConfig
 from edgediff.runtime import schedules
 from edgediff.runtime.denoise import make_denoiser
 from edgediff.runtime.noise import TorchNoise
-from edgediff.runtime.samplers import PRESETS, SAMPLERS, resolve
+from edgediff.runtime.samplers import PRESETS, SAMPLERS, resolve, sampler_options
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -54,7 +54,7 @@ SCHEDULER = {
 }
 
 
-def reference_scheduler(sampler: str, schedule: str, prediction: str, spacing: str):
+def reference_scheduler(sampler: str, schedule: str, prediction: str, spacing: str, **config):
     """The diffusers scheduler configured as our (sampler, schedule) pair, on SD's training schedule."""
     cls = getattr(diffusers, SCHEDULER[sampler])
     if sampler == "flow_euler":
@@ -75,11 +75,11 @@ def reference_scheduler(sampler: str, schedule: str, prediction: str, spacing: s
         kw.update(clip_sample=False, set_alpha_to_one=False)  # SD 1.x / 2.x configs' values
     if sampler == "dpmpp_2m_sde":
         kw["algorithm_type"] = "sde-dpmsolver++"
-    return cls(**kw)
+    return cls(**{**kw, **config})
 
 
-def diffusers_trajectory(sampler, schedule, prediction, spacing, steps, **step_kw):
-    sched = reference_scheduler(sampler, schedule, prediction, spacing)
+def diffusers_trajectory(sampler, schedule, prediction, spacing, steps, config=None, **step_kw):
+    sched = reference_scheduler(sampler, schedule, prediction, spacing, **(config or {}))
     if schedule == "flow_dynamic":
         mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (IMAGE_SEQ_LEN - 256)
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
@@ -101,15 +101,18 @@ def diffusers_trajectory(sampler, schedule, prediction, spacing, steps, **step_k
     return out
 
 
-def our_trajectory(sampler, schedule, prediction, spacing, steps, gamma=0.3):
+def our_trajectory(sampler, schedule, prediction, spacing, steps, gamma=None, config=None, eta=None):
+    """Ours, with `config` (SchedulerConfig fields) and `eta` as a render passes them (sampler_options)."""
     info, schedule = resolve(sampler, schedule)
-    cfg = SchedulerConfig(timestep_spacing=spacing)
-    sched = schedules.build(cfg, info.convention, schedule, steps, gamma=gamma, image_seq_len=IMAGE_SEQ_LEN)
+    cfg = SchedulerConfig(timestep_spacing=spacing, **(config or {}))
+    options = sampler_options(sampler, cfg, gamma if gamma is not None else eta)
+    sched = schedules.build(cfg, info.convention, schedule, steps, gamma=options.gamma, image_seq_len=IMAGE_SEQ_LEN)
     rng = TorchNoise(SEED)
     x = rng.randn(SHAPE) * np.float32(sched.init_noise_sigma)
     alpha_space = info.convention not in ("euler", "flow")
     denoise = make_denoiser(fake_unet, "flow" if sampler == "flow_euler" else prediction, sched.timestep_for,
-                            lcm_timestep_scaling=cfg.timestep_scaling if sampler == "lcm" else None)
+                            lcm_timestep_scaling=cfg.timestep_scaling if sampler == "lcm" else None,
+                            clip_x0=options.denoiser_clip)
     out = []
 
     def record(i, x, x0):
@@ -117,7 +120,7 @@ def our_trajectory(sampler, schedule, prediction, spacing, steps, gamma=0.3):
         out.append(x / np.float32((sigma**2 + 1) ** 0.5) if alpha_space else x.copy())
 
     extra = {"targets": sched.targets} if sched.targets is not None else {}
-    info.fn(denoise, x, sched.sigmas, noise=rng.randn, callback=record, **extra)
+    info.fn(denoise, x, sched.sigmas, noise=rng.randn, callback=record, **extra, **options.sampler)
     return out, sched
 
 
@@ -169,6 +172,51 @@ def test_tcd_without_gamma_is_deterministic_and_matches():
     theirs = diffusers_trajectory("tcd", "lcm", "epsilon", "leading", 4, eta=0.0)
     ours, _ = our_trajectory("tcd", "lcm", "epsilon", "leading", 4, gamma=0.0)
     assert_same_trajectory(ours, theirs)
+
+
+@pytest.mark.parametrize("spacing,prediction,steps", [("leading", "epsilon", 4), ("trailing", "v_prediction", 3),
+                                                      ("linspace", "epsilon", 5)])
+def test_ddim_with_eta_draws_diffusers_noise(spacing, prediction, steps):
+    """eta = 1 (DDPM-like): the sigma_t(eta) noise is the ancestral split of the step, drawn as diffusers draws it."""
+    theirs = diffusers_trajectory("ddim", spacing, prediction, spacing, steps, eta=1.0)
+    ours, _ = our_trajectory("ddim", spacing, prediction, spacing, steps, eta=1.0)
+    assert_same_trajectory(ours, theirs)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.6, 1.0])
+def test_tcd_eta_is_its_gamma(gamma):
+    theirs = diffusers_trajectory("tcd", "lcm", "epsilon", "leading", 4, eta=gamma)
+    ours, _ = our_trajectory("tcd", "lcm", "epsilon", "leading", 4, eta=gamma)
+    assert_same_trajectory(ours, theirs)
+
+
+# The toy model's x0 leaves [-1, 1] at high noise, so these clamp on real steps.
+@pytest.mark.parametrize("sampler,schedule,prediction,steps,config", [
+    ("ddim", "leading", "epsilon", 5, dict(clip_sample=True)),
+    ("ddim", "trailing", "v_prediction", 3, dict(clip_sample=True, clip_sample_range=1.5, set_alpha_to_one=True)),
+    ("heun", "karras", "epsilon", 4, dict(clip_sample=True, clip_sample_range=0.8)),
+    ("lcm", "lcm", "epsilon", 4, dict(clip_sample=True)),
+    ("lcm", "lcm", "v_prediction", 8, dict(clip_sample=True, clip_sample_range=0.5)),
+])
+def test_clip_sample_and_set_alpha_to_one_match_diffusers(sampler, schedule, prediction, steps, config):
+    spacing = schedule if schedule in _SPACED else "leading"
+    step_kw = {"eta": 1.0} if sampler == "ddim" and config.get("set_alpha_to_one") else {}
+    theirs = diffusers_trajectory(sampler, schedule, prediction, spacing, steps, config=config, **step_kw)
+    ours, _ = our_trajectory(sampler, schedule, prediction, spacing, steps, config=config, **step_kw)
+    assert_same_trajectory(ours, theirs)
+    unclipped, _ = our_trajectory(sampler, schedule, prediction, spacing, steps, **step_kw)
+    assert np.abs(ours[-1] - unclipped[-1]).max() > 1e-3  # the settings did act
+
+
+@pytest.mark.parametrize("sampler,eta,fragment", [
+    ("euler", 0.5, "sampler 'euler' takes no eta; eta applies to ddim, tcd"),
+    ("dpmpp_2m_sde", 0.0, "sampler 'dpmpp_2m_sde' takes no eta"),
+    ("ddim", 1.5, "eta must be in [0, 1], got 1.5"),
+])
+def test_eta_where_a_sampler_takes_none_is_refused(sampler, eta, fragment):
+    with pytest.raises(ValueError) as e:
+        sampler_options(sampler, SchedulerConfig(), eta)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("sampler,schedule", [("euler", "karras"), ("dpmpp_2m", "karras"), ("dpmpp_2m", "exponential"),

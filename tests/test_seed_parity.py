@@ -27,12 +27,14 @@ PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
 NEGATIVES = ["blurry", "low quality, ugly"]
 H, W = 32, 48
 
-# our sampler -> (diffusers scheduler class, config overrides); schedules add their own overrides below
+# our sampler -> (diffusers scheduler class, config overrides); schedules add their own overrides below. DDIM takes
+# the class's own defaults for what the checkpoint's config lacks (clip_sample and set_alpha_to_one true: the tiny
+# sd1 config is PNDM's, without clip_sample; sd2's is EulerDiscrete's, without either), as the export records.
 SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),  # SD 1.x / 2.x configs' values
+    "ddim": ("DDIMScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -73,12 +75,14 @@ def _scheduler(config, sampler, schedule):
     return getattr(diffusers, cls).from_config(config, **overrides, **SCHEDULE_OVERRIDES.get(schedule, {}))
 
 
-def _render_both(pipes, family, sampler, schedule, steps, guidance, seed, image=None, strength=0.6):
+def _render_both(pipes, family, sampler, schedule, steps, guidance, seed, image=None, strength=0.6, eta=None):
     ours, ref, i2i, config = pipes(family)
     pipe = ref if image is None else i2i
     pipe.scheduler = _scheduler(config, sampler, schedule)
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np")
     extra = {"eta": 0.3} if sampler == "tcd" else {}  # TCD's own default gamma; StableDiffusionPipeline passes 0
+    if eta is not None:
+        extra["eta"] = eta
     if family != "lcm":
         kw["negative_prompt"] = NEGATIVES
     if image is None:
@@ -86,7 +90,7 @@ def _render_both(pipes, family, sampler, schedule, steps, guidance, seed, image=
     else:
         kw.update(image=image, strength=strength)
     theirs = pipe(PROMPTS, generator=torch.Generator().manual_seed(seed), **kw, **extra).images
-    out = ours(PROMPTS, seed=seed, sampler=sampler, schedule=schedule, **kw)
+    out = ours(PROMPTS, seed=seed, sampler=sampler, schedule=schedule, eta=eta, **kw)
     return out, theirs
 
 
@@ -119,6 +123,28 @@ def test_text_to_image_matches_diffusers_by_seed(pipes, family, sampler, schedul
     assert out.images.shape == theirs.shape == (len(PROMPTS), H, W, 3)
     assert theirs.std() > 0.05  # a real picture, not a flat field that would match anything
     np.testing.assert_allclose(out.images, theirs, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("family,sampler,schedule,steps,eta", [
+    ("sd1", "ddim", "discrete", 4, 1.0),
+    ("sd2", "ddim", "trailing", 3, 0.5),  # set_alpha_to_one: the last step lands on 0, its noise drawn and unused
+    ("sd1", "tcd", "lcm", 4, 0.7),
+    ("sd2", "tcd", "lcm", 3, 0.0),
+])
+def test_eta_matches_diffusers_by_seed(pipes, family, sampler, schedule, steps, eta):
+    out, theirs = _render_both(pipes, family, sampler, schedule, steps, 7.5, seed=11, eta=eta)
+    np.testing.assert_allclose(out.images, theirs, atol=TOLERANCE, rtol=0)
+    plain, _ = _render_both(pipes, family, sampler, schedule, steps, 7.5, seed=11)
+    assert np.abs(out.images - plain.images).max() > 1e-3  # eta did act
+
+
+def test_ddim_takes_diffusers_defaults_for_keys_the_config_lacks(pipes):
+    """sd2's EulerDiscrete config has no set_alpha_to_one or clip_sample: DDIMScheduler.from_config sets both, and
+    so does the bundle's manifest for ddim (and for nothing else)."""
+    ours, _, _, config = pipes("sd2")
+    assert "set_alpha_to_one" not in config and "clip_sample" not in config
+    assert ours.manifest.scheduler.per_sampler["ddim"] == {"set_alpha_to_one": True, "clip_sample": True}
+    assert not ours.manifest.scheduler.for_sampler("euler").clip_sample
 
 
 def _init_image():
@@ -175,6 +201,7 @@ def test_numpy_noise_is_its_own_reproducible_stream(pipes):
     (dict(sampler="lcm", schedule="karras"), "sampler 'lcm' does not run on the 'karras' schedule; choose one of lcm"),
     (dict(sampler="flow_euler"), "does not fit this bundle's epsilon model; choose one of euler, euler_a"),
     (dict(noise="cuda"), "unknown noise kind 'cuda'"),
+    (dict(sampler="euler_a", eta=0.5), "sampler 'euler_a' takes no eta; eta applies to ddim, tcd"),
 ])
 def test_bad_sampler_schedule_or_noise_is_one_render_error(pipes, kw, fragment):
     with pytest.raises(RenderError) as e:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bundle import AddedConditions, Defaults, LatentSpace, SchedulerConfig, TextEncoder
+from ..runtime.samplers import SAMPLERS
 
 PRESETS = ("standard", "turbo", "lcm", "lightning")
 TOKENIZER_FILES = (
@@ -136,30 +137,32 @@ class Checkpoint:
         return "standard"
 
     def scheduler(self, preset: str) -> tuple[SchedulerConfig, str]:
-        """The training schedule with every default filled in (via diffusers' own class), and the prediction type."""
+        """The training schedule with every default filled in (via diffusers' own class), and the prediction type.
+        Where a sampler's diffusers class fills a missing key differently, the manifest records its value too."""
         import diffusers
 
         raw = self.scheduler_config
+        if raw.get("thresholding"):
+            raise SourceError(f"{self.root}: the scheduler config sets thresholding (dynamic thresholding, for "
+                              "pixel-space models), which edgediff does not apply; set it false to export")
         cls = getattr(diffusers, raw.get("_class_name", ""), None) or diffusers.EulerDiscreteScheduler
         full = dict(cls.from_config(raw).config)
-        spacing = full.get("timestep_spacing", "leading")
+        base = _scheduler_fields(full)
         if preset in ("turbo", "lightning"):
-            spacing = "trailing"  # the distillation recipe samples from the last training timestep
-        betas = full.get("trained_betas")
-        config = SchedulerConfig(
-            num_train_timesteps=int(full.get("num_train_timesteps", 1000)),
-            beta_start=float(full.get("beta_start", 0.00085)),
-            beta_end=float(full.get("beta_end", 0.012)),
-            beta_schedule=full.get("beta_schedule", "scaled_linear"),
-            trained_betas=tuple(float(b) for b in betas) if betas is not None else None,
-            timestep_spacing=spacing,
-            steps_offset=int(full.get("steps_offset", 0)),
-            rescale_betas_zero_snr=bool(full.get("rescale_betas_zero_snr", False)),
-            original_inference_steps=int(full.get("original_inference_steps", 50)),
-            timestep_scaling=float(full.get("timestep_scaling", 10.0)),
-            set_alpha_to_one=bool(full.get("set_alpha_to_one", False)),
-            source_class=raw.get("_class_name", ""),
-        )
+            base["timestep_spacing"] = "trailing"  # the distillation recipe samples from the last training timestep
+        per_sampler = {}
+        quiet = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()  # each class warns of the keys it does not take
+        try:
+            for name, info in SAMPLERS.items():
+                theirs = dict(getattr(diffusers, info.scheduler).from_config(raw).config)
+                changed = {k: v for k, v in _scheduler_fields(theirs).items() if k in theirs and v != base[k]
+                           and not (k == "timestep_spacing" and preset in ("turbo", "lightning"))}
+                if changed:
+                    per_sampler[name] = changed
+        finally:
+            diffusers.utils.logging.set_verbosity(quiet)
+        config = SchedulerConfig(**base, source_class=raw.get("_class_name", ""), per_sampler=per_sampler)
         return config, full.get("prediction_type", "epsilon")
 
     @property
@@ -251,6 +254,26 @@ class Checkpoint:
                 raise
             raise SourceError(f"{self.root / name}: weights only as .bin pickles, which can run code when loaded; "
                               "pass --allow-pickle if you trust its source") from e
+
+
+def _scheduler_fields(full: dict) -> dict:
+    """A diffusers scheduler's resolved config as SchedulerConfig's fields (less source_class and per_sampler)."""
+    betas = full.get("trained_betas")
+    return dict(
+        num_train_timesteps=int(full.get("num_train_timesteps", 1000)),
+        beta_start=float(full.get("beta_start", 0.00085)),
+        beta_end=float(full.get("beta_end", 0.012)),
+        beta_schedule=full.get("beta_schedule", "scaled_linear"),
+        trained_betas=tuple(float(b) for b in betas) if betas is not None else None,
+        timestep_spacing=full.get("timestep_spacing", "leading"),
+        steps_offset=int(full.get("steps_offset", 0)),
+        rescale_betas_zero_snr=bool(full.get("rescale_betas_zero_snr", False)),
+        original_inference_steps=int(full.get("original_inference_steps", 50)),
+        timestep_scaling=float(full.get("timestep_scaling", 10.0)),
+        set_alpha_to_one=bool(full.get("set_alpha_to_one", False)),
+        clip_sample=bool(full.get("clip_sample", False)),
+        clip_sample_range=float(full.get("clip_sample_range", 1.0)),
+    )
 
 
 def _present(index: dict, name: str) -> bool:

@@ -60,11 +60,13 @@ def make_denoiser(
     *,
     guidance_scale: float | None = None,
     lcm_timestep_scaling: float | None = None,
+    clip_x0: float | None = None,
 ) -> Callable[[np.ndarray, float], np.ndarray]:
     """`denoise(x, sigma) -> x0` for one render; each call returns a new array (multistep samplers keep old ones).
     With `guidance_scale`, the model is fed the batch twice ([uncond, cond], one call) and the halves are combined
     by classifier-free guidance. With `lcm_timestep_scaling`, LCM's boundary condition is applied (the x0 an LCM
-    sampler steps to)."""
+    sampler steps to). `clip_x0` clamps x0 to +-clip_x0, before the boundary condition, where diffusers'
+    clip_sample does (Heun, LCM)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     cfg = guidance_scale is not None
@@ -88,6 +90,8 @@ def make_denoiser(
             guided += uncond
             out = guided
         x0 = to_x0(out, x, sigma, prediction_type)
+        if clip_x0 is not None:
+            x0 = np.clip(x0, -clip_x0, clip_x0)
         if lcm_timestep_scaling is not None:
             c_skip, c_out = consistency_boundary(t, lcm_timestep_scaling)
             # LCM mixes in the alpha-space sample x / sqrt(sigma^2 + 1), which is what the model was fed

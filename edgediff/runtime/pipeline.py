@@ -22,7 +22,7 @@ from .denoise import make_denoiser
 from .families import Conditioning, family_for
 from .images import decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
 from .noise import make_noise
-from .plan import OUTPUT_TYPES, RenderError, RenderPlan, build_schedule, make_plan
+from .plan import OUTPUT_TYPES, RenderError, RenderPlan, build_schedule, make_plan, sampler_settings
 from .samplers import SAMPLERS
 from .sessions import Session, SessionSettings
 
@@ -183,11 +183,13 @@ class Pipeline:
               timer: Timer) -> tuple[np.ndarray, bool]:
         """The sampler over the schedule; returns the final latents and whether a callback stopped it."""
         info = SAMPLERS[plan.sampler]
-        lcm = info.convention == "lcm"
+        options = sampler_settings(self.manifest, plan)  # DDIM's eta and clip_sample
+        scheduler = self.manifest.scheduler.for_sampler(plan.sampler)
         denoise = make_denoiser(
             self.family.model(self.session("unet"), conditioning), self.manifest.prediction_type,
             sched.timestep_for, guidance_scale=conditioning.guidance_scale,
-            lcm_timestep_scaling=self.manifest.scheduler.timestep_scaling if lcm else None)
+            lcm_timestep_scaling=scheduler.timestep_scaling if info.convention == "lcm" else None,
+            clip_x0=options.denoiser_clip)
         total, interrupted, t = len(sched), False, time.perf_counter()
 
         def on_step(i, x_now, x0):
@@ -200,7 +202,7 @@ class Pipeline:
             return None
 
         extra = {"targets": sched.targets} if sched.targets is not None else {}
-        x = info.fn(denoise, x, sched.sigmas, noise=rng.randn, callback=on_step, **extra)
+        x = info.fn(denoise, x, sched.sigmas, noise=rng.randn, callback=on_step, **extra, **options.sampler)
         if not interrupted and sched.final_scale != 1.0:
             x = x * np.float32(sched.final_scale)  # DDIM / TCD stop short of sigma 0, in alpha space
         return x, interrupted

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..bundle import Manifest
 from . import schedules
 from .noise import NOISE_KINDS
-from .samplers import SAMPLERS, SamplerInfo, resolve
+from .samplers import SAMPLERS, SamplerInfo, SamplerOptions, resolve, sampler_options
 
 OUTPUT_TYPES = ("pil", "np")
 
@@ -63,7 +63,11 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
               strength: float | None = None, eta: float | None = None, noise: str = "torch") -> RenderPlan:
     """Resolve and check a render's choices; `strength` is given for image-to-image only."""
     d = manifest.defaults
-    sampler, _, schedule = resolve_sampler(manifest, sampler, schedule)
+    sampler, info, schedule = resolve_sampler(manifest, sampler, schedule)
+    if eta is not None:
+        _finite("eta", eta)
+        _lookup(sampler_options, sampler, manifest.scheduler.for_sampler(sampler), eta)  # refused where none
+        eta = float(eta)
     plan = RenderPlan(
         sampler=sampler, schedule=schedule,
         steps=_whole("steps", d.steps if steps is None else steps, 1),
@@ -73,7 +77,7 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
         seed=int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0),
         images_per_prompt=_whole("images per prompt", images_per_prompt, 1),
         strength=None if strength is None else _finite("strength", strength),
-        eta=None if eta is None else _finite("eta", eta), noise=noise,
+        eta=info.eta if eta is None else eta, noise=noise,
     )
     m = manifest.size_multiple
     if plan.height % m or plan.width % m:
@@ -85,6 +89,11 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
     return plan
 
 
+def sampler_settings(manifest: Manifest, plan: RenderPlan) -> SamplerOptions:
+    """What the plan's eta and the scheduler's clip_sample ask of the sampler, the denoiser and the schedule."""
+    return _lookup(sampler_options, plan.sampler, manifest.scheduler.for_sampler(plan.sampler), plan.eta)
+
+
 def build_schedule(manifest: Manifest, plan: RenderPlan) -> schedules.Schedule:
     """The plan's schedule, discretised as the sampler's diffusers counterpart does. For img2img it starts part-way
     as diffusers' img2img pipelines do: LCM folds strength into its distilled timesteps and runs them all
@@ -92,8 +101,9 @@ def build_schedule(manifest: Manifest, plan: RenderPlan) -> schedules.Schedule:
     info = SAMPLERS[plan.sampler]
     lcm = info.convention == "lcm"
     strength = plan.strength
-    sched = _lookup(schedules.build, manifest.scheduler, info.convention, plan.schedule, plan.steps,
-                    strength=strength if strength is not None and lcm else 1.0)
+    sched = _lookup(schedules.build, manifest.scheduler.for_sampler(plan.sampler), info.convention, plan.schedule,
+                    plan.steps, strength=strength if strength is not None and lcm else 1.0,
+                    gamma=sampler_settings(manifest, plan).gamma)
     if strength is None:
         return sched
     return sched.starting_at(0 if lcm else schedules.img2img_start(len(sched), strength))

@@ -123,17 +123,30 @@ def sample_heun(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, call
 
 
 def sample_ddim(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None,
-                targets=None):
-    """DDIM, deterministic (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", eta = 0). In sigma
-    space its update x0 + sigma_to * eps is an Euler step to sigma_to. Where diffusers lands a step off the next
-    timestep (`targets`), the sample is kept as it stands in alpha space and re-read at the next sigma."""
+                targets=None, eta: float = 0.0, clip_x0: float | None = None):
+    """DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"). In sigma space its update
+    x0 + sigma_to * eps is an Euler step to sigma_to; with eta > 0 its sigma_t(eta) noise is k-diffusion's ancestral
+    split of that step (noise drawn every step, as diffusers does). Where diffusers lands a step off the next
+    timestep (`targets`), the sample is kept as it stands in alpha space and re-read at the next sigma.
+    `clip_x0` clamps x0 as diffusers' clip_sample does, after eps is taken from the unclamped one."""
     x = _working(x)
     buf = np.empty_like(x)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         to = float(targets[i]) if targets is not None else sigma_next
         x0 = denoise(x, sigma)
-        _toward(x, x0, (to - sigma) / sigma, buf)
+        down, up = ancestral_step(sigma, to, eta)
+        _toward(x, x0, (down - sigma) / sigma, buf)
+        if clip_x0 is not None:
+            clipped = np.clip(x0, -clip_x0, clip_x0)
+            np.subtract(clipped, x0, out=buf)
+            x += buf
+            x0 = clipped
+        if eta:
+            assert noise is not None, "ddim with eta > 0 draws noise"
+            z = noise(x.shape)
+            z *= np.float32(up)
+            x += z
         if to != sigma_next:
             x *= np.float32(((sigma_next**2 + 1) / (to**2 + 1)) ** 0.5)
         if _stopped(callback, i, x, x0):
@@ -306,30 +319,73 @@ class SamplerInfo:
     convention: str  # whose discretisation its schedules follow (schedules.build)
     schedules: tuple[str, ...]  # the schedules it runs on; the first is its default
     description: str
+    scheduler: str  # its diffusers class, whose defaults fill what a source config lacks (export)
+    eta: float | None = None  # the default of its stochasticity eta (as diffusers' pipelines pass it); None: none
+    clips: str = ""  # where diffusers' clip_sample applies: "x0" (the denoiser's output), "step" (the sampler's)
 
 
 _DISCRETE = ("discrete", "leading", "linspace", "trailing", "sgm_uniform")
 _WARPED = (*_DISCRETE, "karras", "exponential")
 
 SAMPLERS: dict[str, SamplerInfo] = {
-    "euler": SamplerInfo(sample_euler, "euler", _WARPED, "Euler, deterministic; the plain default (EulerDiscrete)"),
+    "euler": SamplerInfo(sample_euler, "euler", _WARPED, "Euler, deterministic; the plain default (EulerDiscrete)",
+                         "EulerDiscreteScheduler"),
     "euler_a": SamplerInfo(sample_euler_a, "euler", _WARPED,
-                           "Euler ancestral: fresh noise each step, for exploring (EulerAncestralDiscrete)"),
-    "heun": SamplerInfo(sample_heun, "euler", _WARPED, "Heun, second order: two model calls a step (HeunDiscrete)"),
+                           "Euler ancestral: fresh noise each step, for exploring (EulerAncestralDiscrete)",
+                           "EulerAncestralDiscreteScheduler"),
+    "heun": SamplerInfo(sample_heun, "euler", _WARPED, "Heun, second order: two model calls a step (HeunDiscrete)",
+                        "HeunDiscreteScheduler", clips="x0"),
     "ddim": SamplerInfo(sample_ddim, "ddim", _DISCRETE,
-                        "DDIM, deterministic, for img2img and latent interpolation (DDIMScheduler, eta 0)"),
+                        "DDIM, deterministic unless --eta, for img2img and latent interpolation (DDIMScheduler)",
+                        "DDIMScheduler", eta=0.0, clips="step"),
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "multistep", _WARPED,
-                            "DPM++ 2M: with karras, the usual final-render choice (DPMSolverMultistep)"),
+                            "DPM++ 2M: with karras, the usual final-render choice (DPMSolverMultistep)",
+                            "DPMSolverMultistepScheduler"),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, "multistep", _WARPED,
-                                "DPM++ 2M SDE: stochastic 2M (DPMSolverMultistep, sde-dpmsolver++)"),
+                                "DPM++ 2M SDE: stochastic 2M (DPMSolverMultistep, sde-dpmsolver++)",
+                                "DPMSolverMultistepScheduler"),
     "unipc": SamplerInfo(sample_unipc, "unipc", _WARPED,
-                         "UniPC predictor-corrector, good in 5-10 steps (UniPCMultistep, bh2)"),
-    "lcm": SamplerInfo(sample_lcm, "lcm", ("lcm",), "LCM multi-step consistency sampling, 1-8 steps (LCMScheduler)"),
+                         "UniPC predictor-corrector, good in 5-10 steps (UniPCMultistep, bh2)",
+                         "UniPCMultistepScheduler"),
+    "lcm": SamplerInfo(sample_lcm, "lcm", ("lcm",), "LCM multi-step consistency sampling, 1-8 steps (LCMScheduler)",
+                       "LCMScheduler", clips="x0"),
     "tcd": SamplerInfo(sample_tcd, "tcd", ("lcm",),
-                       "TCD, gamma 0.3: consistency sampling with partial re-noising (TCDScheduler)"),
+                       "TCD: consistency sampling with partial re-noising, gamma = --eta (TCDScheduler)",
+                       "TCDScheduler", eta=0.3),
     "flow_euler": SamplerInfo(sample_flow_euler, "flow", ("flow_shift", "flow_dynamic"),
-                              "Euler over rectified flow, for SD3 / FLUX models (FlowMatchEulerDiscrete)"),
+                              "Euler over rectified flow, for SD3 / FLUX models (FlowMatchEulerDiscrete)",
+                              "FlowMatchEulerDiscreteScheduler"),
 }
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """What a render's eta and the scheduler's clip_sample ask of the sampler, the denoiser and the schedule."""
+
+    sampler: dict  # keyword arguments for the sampler function (ddim: eta, clip_x0)
+    denoiser_clip: float | None = None  # clamp the denoiser's x0 (make_denoiser's clip_x0)
+    gamma: float = 0.3  # TCD's eta: where each step lands below the next timestep, a property of its schedule
+
+
+def sampler_options(name: str, scheduler, eta: float | None = None) -> SamplerOptions:
+    """The options for sampler `name` under `scheduler` (a SchedulerConfig, already `for_sampler(name)`) and the
+    caller's eta (None: the sampler's default). An eta for a sampler that takes none is refused, not ignored."""
+    info = sampler_info(name)
+    if eta is not None and info.eta is None:
+        takes = ", ".join(n for n, s in SAMPLERS.items() if s.eta is not None)
+        raise ValueError(f"sampler {name!r} takes no eta; eta applies to {takes}")
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta:g}")
+    eta = info.eta if eta is None else float(eta)
+    clip = float(scheduler.clip_sample_range) if scheduler.clip_sample and info.clips else None
+    kwargs: dict = {}
+    if info.clips == "step" and clip is not None:
+        kwargs["clip_x0"] = clip
+    if info.convention == "tcd":
+        return SamplerOptions(kwargs, gamma=eta if eta is not None else 0.3)
+    if eta is not None:
+        kwargs["eta"] = eta
+    return SamplerOptions(kwargs, denoiser_clip=clip if info.clips == "x0" else None)
 
 
 @dataclass(frozen=True)
