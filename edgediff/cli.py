@@ -87,7 +87,8 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
-    from .runtime.images import save_png
+    from .atomic import atomic_files
+    from .runtime.images import write_png
     from .runtime.pipeline import Pipeline
 
     with _one_line_errors():
@@ -122,8 +123,10 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
     ]
     output.parent.mkdir(parents=True, exist_ok=True)
-    for im, path in zip(out.images, paths):
-        save_png(im, path, params)
+    with atomic_files(paths) as temps:  # all the images or none: a full disk midway leaves no partial set
+        for im, tmp in zip(out.images, temps):
+            write_png(im, tmp, params)
+    for path in paths:
         click.echo(str(path))
     click.echo(f"{out.timings['total']:.2f} s ({len(out.timings['steps'])} steps)", err=True)
 
@@ -275,6 +278,7 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
           json_path, chart):
     """Time every stage of BUNDLES (several: side by side, e.g. fp32 and int8), optionally against diffusers and
     Optimum on the same checkpoint, each engine in its own process, interleaved run by run."""
+    from .atomic import atomic_file
     from .bench import Settings, run_bench
     from .bench.chart import draw_chart
     from .bench.report import format_report
@@ -287,10 +291,12 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
     click.echo(format_report(record))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        with atomic_file(json_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
     if chart:
         chart.parent.mkdir(parents=True, exist_ok=True)
-        draw_chart(record, chart)
+        with atomic_file(chart) as tmp:
+            draw_chart(record, tmp)
 
 
 @main.command()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..atomic import atomic_folder
 from ..bundle import Component, FileEntry, Manifest, TextEncoder, write_manifest
 from ..runtime import graph_cache
 from . import specs
@@ -186,12 +187,7 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
     tokenizers = {e.tokenizer: ck.tokenizer_files(e.tokenizer) for e in encoders}
     trace_dims, gate_dims = _gate_shapes(ck)
 
-    out = o.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(o.out, replace=True) as tmp:  # `force` was checked before anything was loaded
         components, component_specs = {}, {}
         for name, (source, make_spec) in plan.items():
             if name == "vae_decoder" and o.tiny_vae is not None:
@@ -256,10 +252,6 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
             manifest = _convert(tmp, manifest, o.precision, ck, component_specs, gate_dims, o.calibration, proven,
                                 keep)
             write_manifest(tmp, manifest)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -306,13 +298,3 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
         proven(f"{name} {target}")
     return dataclasses.replace(manifest, components=components, provenance=provenance)
 
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
