@@ -24,6 +24,7 @@ from .noise import make_noise
 from .prompts import Embeddings, PromptEncoder, time_ids
 from .samplers import SAMPLERS, SamplerInfo, resolve
 from .sessions import OrtSession
+from .timing import StageTimer
 
 
 MEMORY_MODES = ("normal", "low")
@@ -39,24 +40,6 @@ class PipelineOutput:
     timings: dict[str, float | list[float]]  # seconds per stage
     warnings: list[str] = field(default_factory=list)  # truncated prompts, unknown words
     interrupted: bool = False  # a callback stopped the render early
-
-
-class Timer:
-    def __init__(self):
-        self.timings: dict[str, float | list[float]] = {"steps": []}
-        self._start = time.perf_counter()
-
-    def stage(self, name: str, since: float) -> float:
-        now = time.perf_counter()
-        if name == "steps":
-            self.timings["steps"].append(now - since)
-        else:
-            self.timings[name] = self.timings.get(name, 0.0) + now - since
-        return now
-
-    def total(self) -> dict:
-        self.timings["total"] = time.perf_counter() - self._start
-        return self.timings
 
 
 def _as_list(prompt: str | list[str] | None, n: int | None = None) -> list[str]:
@@ -135,7 +118,7 @@ class Pipeline:
 
     # --- stages -----------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, warnings: list[str], timer: Timer
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, warnings: list[str], timer: StageTimer
                       ) -> tuple[Embeddings, Embeddings | None]:
         """Text embeddings for the prompts (and the negatives, in the same encoder calls)."""
         emb = self.prompt_encoder(prompts + (negatives or []), self.session, warnings, timer)
@@ -211,7 +194,7 @@ class Pipeline:
         noise: str = "torch",
         schedule: str | None = None,
     ) -> PipelineOutput:
-        timer = Timer()
+        timer = StageTimer()
         d = self.manifest.defaults
         steps = d.steps if num_inference_steps is None else int(num_inference_steps)
         guidance = d.guidance_scale if guidance_scale is None else float(guidance_scale)
