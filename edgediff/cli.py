@@ -216,7 +216,7 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
         from .export.calibrate import Calibration
         from .export.checkpoint import SourceError
         from .export.convert import export_bundle
-        from .export.onnx import ParityError
+        from .export.gate import ParityError
     except ImportError as e:
         click.echo(f"error: export needs the export extra ({e.name} is missing); pip install 'edgediff[export]'", err=True)
         sys.exit(USAGE_ERROR)

@@ -56,9 +56,9 @@ def test_export_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
 
 
 def test_failed_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
-    from edgediff.export import onnx as export_onnx
+    from edgediff.export import gate
 
-    monkeypatch.setattr(export_onnx, "FP32_TOLERANCE", export_onnx.Tolerance(relative=0.0))
+    monkeypatch.setattr(gate, "FP32_TOLERANCE", gate.Tolerance(relative=0.0))
     r = run("export", checkpoint("sd1"), tmp_path / "out")
     assert r.exit_code == 2 and "differs from PyTorch" in r.output
     assert list(tmp_path.iterdir()) == []

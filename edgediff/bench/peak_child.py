@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from edgediff.atomic import atomic_file, atomic_folder
+from edgediff.export import PRECISIONS
 
 # Set before torch loads its OpenMP runtime: on a shared 2-core machine, spinning worker threads that wait for
 # a descheduled sibling made a training step up to 10x slower; sleeping waits cost ~20% when the machine is idle.
@@ -60,7 +61,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", default="all", choices=("all", "data", *STAGES, "export-teacher"))
     p.add_argument("--resume", action="store_true", help="continue a stage interrupted in DIR")
     p.add_argument("--bundle-out", type=Path, help="where export writes the bundle (default DIR/bundle)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                    help="export: the bundle's precision (int8 default folder: DIR/bundle-int8)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (at most 2 here)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)

@@ -9,7 +9,8 @@ environments (Optimum's) before they load their engine.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class StageTimer:
