@@ -14,6 +14,11 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .export import PRECISIONS
+from .runtime.noise import NOISE_KINDS
+from .runtime.pipeline import MEMORY_MODES
+from .runtime.samplers import PRESETS, SAMPLERS
+from .runtime.schedules import SCHEDULES
 
 USAGE_ERROR = 2
 
@@ -38,6 +43,34 @@ def _one_line_errors(*extra: type[Exception]):
         sys.exit(USAGE_ERROR)
 
 
+class _Named(click.Choice):
+    """A name from one of the catalogues; an unknown one is refused with the kind and every choice."""
+
+    def __init__(self, kind: str, names):
+        super().__init__(list(names))
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        self.fail(f"unknown {self.kind} {value!r}; choose one of {', '.join(self.choices)}", param, ctx)
+
+
+def _described(catalogue: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {text}" for name, text in catalogue.items())
+
+
+class _Commands(click.Group):
+    """Bad parameters get the one `error:` line every other bad input gets (exit 2), not click's usage block."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.BadParameter as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(USAGE_ERROR)
+
+
 def _parse_size(ctx, param, value):
     if value is None:
         return None
@@ -48,7 +81,7 @@ def _parse_size(ctx, param, value):
     return w, h
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgediff")
 def main():
     """edgediff: fast text-to-image diffusion on ONNX Runtime, no PyTorch at run time.
@@ -67,20 +100,19 @@ def main():
 @click.option("--negative", default=None, help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; matches diffusers' torch CPU generator.")
 @click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT in pixels [default: the bundle's].")
-@click.option("--sampler", help="euler, euler_a, heun, ddim, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, tcd "
-              "(`edgediff samplers` says what each is) [default: the bundle's].")
-@click.option("--schedule", help="discrete, leading, linspace, trailing, sgm_uniform, karras, exponential, lcm "
-              "[default: the bundle preset's, else the sampler's own].")
-@click.option("--noise", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
-              help="torch: the seed draws what diffusers' torch CPU generator draws (same seed, same image); "
-              "numpy: NumPy's own generator.")
+@click.option("--sampler", type=_Named("sampler", SAMPLERS),
+              help="Sampler (`edgediff samplers` says what each is) [default: the bundle's].")
+@click.option("--schedule", type=_Named("schedule", SCHEDULES),
+              help="Sigma schedule [default: the bundle preset's, else the sampler's own].")
+@click.option("--noise", type=_Named("noise source", NOISE_KINDS), default=next(iter(NOISE_KINDS)), show_default=True,
+              help=_described(NOISE_KINDS) + ".")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images to render for the prompt.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="Image-to-image: how much of the init image to repaint (0..1].")
 @click.option("--backend", default="cpu", show_default=True, help="cpu, cuda or tensorrt (ONNX Runtime providers).")
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
-@click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
+@click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
            backend, threads, memory, schedule, noise):
@@ -160,9 +192,6 @@ def _parameters_text(prompt, negative, steps, sampler, schedule, guidance, seed,
 @main.command()
 def samplers():
     """List the samplers, schedules and distilled-model presets, one line each."""
-    from .runtime.samplers import PRESETS, SAMPLERS
-    from .runtime.schedules import SCHEDULES
-
     spaced = ("discrete", "leading", "linspace", "trailing", "sgm_uniform")
     click.echo("samplers (--sampler; in brackets the schedules each runs on, its default first):")
     for name, info in SAMPLERS.items():
@@ -181,13 +210,13 @@ def samplers():
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["standard", "turbo", "lcm", "lightning"]),
-              help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo).")
+@click.option("--preset", type=_Named("preset", PRESETS),
+              help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo): "
+              + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()) + ".")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="fp16: half-precision weights with fp32 islands; int8: QDQ U-Net and VAE decoder, calibrated on "
-              "denoising trajectories (text encoder and VAE encoder stay fp32).")
+@click.option("--precision", type=_Named("precision", PRECISIONS), default=next(iter(PRECISIONS)), show_default=True,
+              help=_described(PRECISIONS) + ".")
 @click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="int8: a text file of calibration prompts, one a line (the last one only gates) "
               "[default: a built-in set of 8].")
@@ -266,7 +295,7 @@ def _int_list(ctx, param, value):
 @click.option("--warmup", type=click.IntRange(1), default=1, show_default=True,
               help="Unmeasured renders first (the first is reported as the cold render).")
 @click.option("--compare", default="", help="Peers to run side by side: diffusers, optimum (comma-separated).")
-@click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
+@click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="edgediff's memory mode (low: one component loaded at a time).")
 @click.option("--optimum-python", type=click.Path(path_type=Path), default=Path("benchmarks/.venv-optimum/bin/python"),
               show_default=True, help="Python of the virtual environment Optimum runs in.")
