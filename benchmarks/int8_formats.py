@@ -32,7 +32,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgediff.bench.harness import instruction_set  # noqa: E402
-from edgediff.export.precision import psnr_db  # noqa: E402
+from edgediff.export.gate import psnr_db  # noqa: E402
 
 CHANNELS, SIDE, TOKENS, WIDTH = 128, 64, 4096, 512
 # name: (activation type, weight type, reduce_range: weights in 7 bits, [-64, 64])

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgediff.export.precision import psnr_db  # noqa: E402
+from edgediff.export.gate import psnr_db  # noqa: E402
 from edgediff.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPTS = [

@@ -14,7 +14,12 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .export import PRECISIONS
 from .runtime.backends import BACKENDS
+from .runtime.noise import NOISE_KINDS
+from .runtime.pipeline import MEMORY_MODES
+from .runtime.samplers import PRESETS, SAMPLERS
+from .runtime.schedules import SCHEDULES
 
 USAGE_ERROR = 2
 
@@ -39,6 +44,34 @@ def _one_line_errors(*extra: type[Exception]):
         sys.exit(USAGE_ERROR)
 
 
+class _Named(click.Choice):
+    """A name from one of the catalogues; an unknown one is refused with the kind and every choice."""
+
+    def __init__(self, kind: str, names):
+        super().__init__(list(names))
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        self.fail(f"unknown {self.kind} {value!r}; choose one of {', '.join(self.choices)}", param, ctx)
+
+
+def _described(catalogue: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {text}" for name, text in catalogue.items())
+
+
+class _Commands(click.Group):
+    """Bad parameters get the one `error:` line every other bad input gets (exit 2), not click's usage block."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.BadParameter as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(USAGE_ERROR)
+
+
 def _parse_size(ctx, param, value):
     if value is None:
         return None
@@ -49,7 +82,7 @@ def _parse_size(ctx, param, value):
     return w, h
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgediff")
 def main():
     """edgediff: fast text-to-image diffusion on ONNX Runtime, no PyTorch at run time.
@@ -68,15 +101,14 @@ def main():
 @click.option("--negative", default=None, help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; matches diffusers' torch CPU generator.")
 @click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT in pixels [default: the bundle's].")
-@click.option("--sampler", help="euler, euler_a, heun, ddim, dpmpp_2m, dpmpp_2m_sde, unipc, lcm, tcd "
-              "(`edgediff samplers` says what each is) [default: the bundle's].")
-@click.option("--schedule", help="discrete, leading, linspace, trailing, sgm_uniform, karras, exponential, lcm "
-              "[default: the bundle preset's, else the sampler's own].")
+@click.option("--sampler", type=_Named("sampler", SAMPLERS),
+              help="Sampler (`edgediff samplers` says what each is) [default: the bundle's].")
+@click.option("--schedule", type=_Named("schedule", SCHEDULES),
+              help="Sigma schedule [default: the bundle preset's, else the sampler's own].")
 @click.option("--eta", type=float, help="ddim: stochasticity, 0 deterministic to 1 DDPM-like [default: 0]; tcd: its "
               "gamma [default: 0.3]. Other samplers take none.")
-@click.option("--noise", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
-              help="torch: the seed draws what diffusers' torch CPU generator draws (same seed, same image); "
-              "numpy: NumPy's own generator.")
+@click.option("--noise", type=_Named("noise source", NOISE_KINDS), default=next(iter(NOISE_KINDS)), show_default=True,
+              help=_described(NOISE_KINDS) + ".")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images to render for the prompt.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.8, show_default=True,
@@ -84,14 +116,15 @@ def main():
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="cpu", show_default=True,
               help="Where the models run: " + "; ".join(f"{b.name}: {b.description}" for b in BACKENDS.values()) + ".")
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
-@click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
+@click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
            backend, threads, memory, schedule, noise, eta):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
-    from .runtime.images import save_png
+    from .atomic import atomic_files
+    from .runtime.images import write_png
     from .runtime.pipeline import Pipeline
 
     with _one_line_errors():
@@ -123,8 +156,10 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
     ]
     output.parent.mkdir(parents=True, exist_ok=True)
-    for im, path in zip(out.images, paths):
-        save_png(im, path, params)
+    with atomic_files(paths) as temps:  # all the images or none: a full disk midway leaves no partial set
+        for im, tmp in zip(out.images, temps):
+            write_png(im, tmp, params)
+    for path in paths:
         click.echo(str(path))
     click.echo(f"{out.timings['total']:.2f} s ({len(out.timings['steps'])} steps)", err=True)
 
@@ -163,9 +198,6 @@ def _parameters_text(prompt, negative, plan, bundle) -> str:
 @main.command()
 def samplers():
     """List the samplers, schedules and distilled-model presets, one line each."""
-    from .runtime.samplers import PRESETS, SAMPLERS
-    from .runtime.schedules import SCHEDULES
-
     spaced = ("discrete", "leading", "linspace", "trailing", "sgm_uniform")
     click.echo("samplers (--sampler; in brackets the schedules each runs on, its default first):")
     for name, info in SAMPLERS.items():
@@ -184,13 +216,13 @@ def samplers():
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["standard", "turbo", "lcm", "lightning"]),
-              help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo).")
+@click.option("--preset", type=_Named("preset", PRESETS),
+              help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo): "
+              + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()) + ".")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="fp16: half-precision weights with fp32 islands; int8: QDQ U-Net and VAE decoder, calibrated on "
-              "denoising trajectories (text encoder and VAE encoder stay fp32).")
+@click.option("--precision", type=_Named("precision", PRECISIONS), default=next(iter(PRECISIONS)), show_default=True,
+              help=_described(PRECISIONS) + ".")
 @click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="int8: a text file of calibration prompts, one a line (the last one only gates) "
               "[default: a built-in set of 8].")
@@ -219,7 +251,7 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
         from .export.calibrate import Calibration
         from .export.checkpoint import SourceError
         from .export.convert import export_bundle
-        from .export.onnx import ParityError
+        from .export.gate import ParityError
     except ImportError as e:
         click.echo(f"error: export needs the export extra ({e.name} is missing); pip install 'edgediff[export]'", err=True)
         sys.exit(USAGE_ERROR)
@@ -269,7 +301,7 @@ def _int_list(ctx, param, value):
 @click.option("--warmup", type=click.IntRange(1), default=1, show_default=True,
               help="Unmeasured renders first (the first is reported as the cold render).")
 @click.option("--compare", default="", help="Peers to run side by side: diffusers, optimum (comma-separated).")
-@click.option("--memory", type=click.Choice(["normal", "low"]), default="normal", show_default=True,
+@click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="edgediff's memory mode (low: one component loaded at a time).")
 @click.option("--optimum-python", type=click.Path(path_type=Path), default=Path("benchmarks/.venv-optimum/bin/python"),
               show_default=True, help="Python of the virtual environment Optimum runs in.")
@@ -281,6 +313,7 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
           json_path, chart):
     """Time every stage of BUNDLES (several: side by side, e.g. fp32 and int8), optionally against diffusers and
     Optimum on the same checkpoint, each engine in its own process, interleaved run by run."""
+    from .atomic import atomic_file
     from .bench import Settings, run_bench
     from .bench.chart import draw_chart
     from .bench.report import format_report
@@ -293,10 +326,12 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
     click.echo(format_report(record))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        with atomic_file(json_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
     if chart:
         chart.parent.mkdir(parents=True, exist_ok=True)
-        draw_chart(record, chart)
+        with atomic_file(chart) as tmp:
+            draw_chart(record, tmp)
 
 
 @main.command()

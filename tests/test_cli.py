@@ -56,9 +56,9 @@ def test_export_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
 
 
 def test_failed_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
-    from edgediff.export import onnx as export_onnx
+    from edgediff.export import gate
 
-    monkeypatch.setattr(export_onnx, "FP32_TOLERANCE", export_onnx.Tolerance(relative=0.0))
+    monkeypatch.setattr(gate, "FP32_TOLERANCE", gate.Tolerance(relative=0.0))
     r = run("export", checkpoint("sd1"), tmp_path / "out")
     assert r.exit_code == 2 and "differs from PyTorch" in r.output
     assert list(tmp_path.iterdir()) == []
@@ -179,3 +179,60 @@ def test_export_refuses_dynamic_thresholding(checkpoint, tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "thresholding": True}))
     _assert_bad(("export", src, tmp_path / "out"), "sets thresholding", tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def _choices(command: str, option: str) -> list[str]:
+    return list({p.name: p for p in main.commands[command].params}[option].type.choices)
+
+
+def test_choices_come_from_the_catalogues():
+    from edgediff.export import PRECISIONS
+    from edgediff.runtime.noise import NOISE_KINDS
+    from edgediff.runtime.pipeline import MEMORY_MODES
+    from edgediff.runtime.samplers import PRESETS, SAMPLERS
+    from edgediff.runtime.schedules import SCHEDULES
+
+    assert _choices("render", "sampler") == list(SAMPLERS) and _choices("render", "schedule") == list(SCHEDULES)
+    assert _choices("render", "noise") == list(NOISE_KINDS) and _choices("render", "memory") == list(MEMORY_MODES)
+    assert _choices("bench", "memory") == list(MEMORY_MODES)
+    assert _choices("export", "preset") == list(PRESETS) and _choices("export", "precision") == list(PRECISIONS)
+    help_text = run("render", "--help").output
+    assert all(name in help_text for name in ("flow_euler", "flow_shift", "flow_dynamic"))
+
+
+@pytest.mark.parametrize("option,catalogue", [("--sampler", "SAMPLERS"), ("--schedule", "SCHEDULES")])
+def test_every_catalogued_name_is_accepted(tmp_path, option, catalogue):
+    from edgediff.runtime import samplers, schedules
+
+    names = getattr(samplers if catalogue == "SAMPLERS" else schedules, catalogue)
+    for name in names:  # accepted: the render goes on to look for the (missing) bundle
+        _assert_bad(("render", "x", "-m", tmp_path / "nope", option, name), "no such bundle folder", tmp_path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("render", "x", "--schedule", "cosine"), "unknown schedule 'cosine'; choose one of discrete"),
+    (("render", "x", "--noise", "philox"), "unknown noise source 'philox'; choose one of torch, numpy"),
+    (("render", "x", "--memory", "tiny"), "unknown memory mode 'tiny'; choose one of normal, low"),
+    (("export", "src", "out", "--precision", "int4"), "unknown precision 'int4'; choose one of fp32, fp16, int8"),
+    (("export", "src", "out", "--preset", "hyper"), "unknown preset 'hyper'"),
+])
+def test_an_unknown_name_gets_one_line(tmp_path, args, message):
+    _assert_bad(args, message, tmp_path)
+
+
+def test_a_failed_write_leaves_no_image_of_a_set(bundle, tmp_path, monkeypatch):
+    from edgediff.runtime import images
+
+    written = []
+
+    def write_then_fail(image, path, parameters):
+        if written:
+            raise OSError("No space left on device")
+        written.append(path)
+        real_write(image, path, parameters)
+
+    real_write = images.write_png
+    monkeypatch.setattr(images, "write_png", write_then_fail)
+    r = run("render", "x", "-m", bundle("sd1"), "--num-images", "2", "--steps", "1", "-o", tmp_path / "cat.png")
+    assert r.exit_code != 0 and isinstance(r.exception, OSError)
+    assert written and list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ onnx = pytest.importorskip("onnx")
 
 from edgediff import Pipeline  # noqa: E402
 from edgediff.export.calibrate import Calibration  # noqa: E402
-from edgediff.export.precision import psnr_db  # noqa: E402
+from edgediff.export.gate import psnr_db  # noqa: E402
 
 # Whole renders (several U-Net steps and the decode) against the fp32 bundle, pixels in 0..1.
 FP16_MAX_PIXEL_ERROR = 2e-2
@@ -125,12 +125,12 @@ def test_fp16_bundle_from_the_command_line(checkpoint, bundle, tmp_path):
 
 
 def test_a_conversion_past_its_tolerance_fails_loudly_and_writes_nothing(checkpoint, tmp_path, monkeypatch):
-    from edgediff.export import precision
+    from edgediff.export import gate
     from edgediff.export.convert import export_bundle
-    from edgediff.export.onnx import ParityError
+    from edgediff.export.gate import ParityError
 
-    strict = {**precision.GATES["fp16"], "unet": precision.Gate(relative=1e-9, min_psnr_db=200.0)}
-    monkeypatch.setitem(precision.GATES, "fp16", strict)
+    strict = {**gate.REDUCED_TOLERANCES["fp16"], "unet": gate.Tolerance(relative=1e-9, min_psnr_db=200.0)}
+    monkeypatch.setitem(gate.REDUCED_TOLERANCES, "fp16", strict)
     with pytest.raises(ParityError, match="the fp16 graph differs from fp32"):
         export_bundle(checkpoint("sd1"), tmp_path / "out", precision="fp16")
     assert list(tmp_path.iterdir()) == []

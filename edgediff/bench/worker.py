@@ -21,36 +21,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class StageClock:
-    """Times calls of a peer pipeline's components by wrapping their methods on the instance."""
-
-    def __init__(self):
-        self.timings: dict = {}
-
-    def wrap(self, obj, method: str, stage: str) -> None:
-        inner = getattr(obj, method)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                if stage == "steps":
-                    self.timings.setdefault("steps", []).append(elapsed)
-                else:
-                    self.timings[stage] = self.timings.get(stage, 0.0) + elapsed
-
-        setattr(obj, method, timed)
-
-    def render(self, call) -> dict:
-        self.timings = {"steps": []}
-        start = time.perf_counter()
-        call()
-        self.timings["total"] = time.perf_counter() - start
-        return self.timings
-
-
 # Peers run the sampler edgediff's bundle names, through diffusers' own scheduler classes.
 DIFFUSERS_SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -59,7 +29,7 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
-def _peer_call(pipe, clock: StageClock, spec: dict):
+def _peer_call(pipe, clock, spec: dict):
     import torch
 
     name, extra = DIFFUSERS_SCHEDULERS.get(spec["sampler"], DIFFUSERS_SCHEDULERS["euler"])
@@ -77,7 +47,7 @@ def _peer_call(pipe, clock: StageClock, spec: dict):
                     generator=torch.Generator().manual_seed(req["seed"]), output_type="np",
                 )
 
-        return clock.render(call)
+        return clock.time(call)
 
     return render
 
@@ -107,7 +77,7 @@ def load_diffusers(spec: dict):
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     pipe = diffusers.DiffusionPipeline.from_pretrained(spec["model"], torch_dtype=torch.float32)
-    clock = StageClock()
+    clock = _stage_timer()
     clock.wrap(pipe, "encode_prompt", "text_encoder")
     clock.wrap(pipe.unet, "forward", "steps")
     clock.wrap(pipe.vae, "decode", "vae_decoder")
@@ -124,7 +94,7 @@ def load_optimum(spec: dict):
     pipe = ort_pipelines.ORTStableDiffusionPipeline.from_pretrained(
         spec["model"], provider="CPUExecutionProvider", session_options=options
     )
-    clock = StageClock()
+    clock = _stage_timer()
     clock.wrap(pipe, "encode_prompt", "text_encoder")
     clock.wrap(pipe.unet, "forward", "steps")
     clock.wrap(pipe.vae_decoder, "forward", "vae_decoder")
@@ -132,6 +102,13 @@ def load_optimum(spec: dict):
 
     versions = {"optimum": getattr(optimum, "__version__", "?"), "onnxruntime": onnxruntime.__version__}
     return _peer_call(pipe, clock, spec), versions
+
+
+def _stage_timer():
+    # imported only once the engine is known (see the module's docstring); harness.py puts edgediff on the path
+    from edgediff.runtime.timing import StageTimer
+
+    return StageTimer()
 
 
 ENGINES = {"edgediff": load_edgediff, "diffusers": load_diffusers, "optimum": load_optimum}

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..atomic import atomic_folder
 from ..bundle import Component, FileEntry, Manifest, TextEncoder, write_manifest
-from ..runtime import graph_cache
-from . import specs
+from . import PRECISIONS, specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
 from .lora import check_components, fuse, parse_lora_arg, read_lora
-from .onnx import DEFAULT_OPSET, check_graph, export_component, reference_outputs
-from .precision import PRECISIONS, convert_component
+from .onnx import DEFAULT_OPSET, check_against_torch, export_component, reference_outputs
+from .precision import convert_component
 
 # Which torch module each bundle component comes from, and the spec that exports it; the text encoders come
 # first, one per manifest TextEncoder record (plan_components).
@@ -186,12 +186,7 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
     tokenizers = {e.tokenizer: ck.tokenizer_files(e.tokenizer) for e in encoders}
     trace_dims, gate_dims = _gate_shapes(ck)
 
-    out = o.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(o.out, replace=True) as tmp:  # `force` was checked before anything was loaded
         components, component_specs = {}, {}
         for name, (source, make_spec) in plan.items():
             if name == "vae_decoder" and o.tiny_vae is not None:
@@ -206,7 +201,7 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
             del module  # before the graph is loaded: both at once would not fit for a full-size SDXL U-Net
             gc.collect()
             files = tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written)
-            parity = check_graph(spec, path, references, ort_options=ort_options, files=files)
+            parity = check_against_torch(spec, path, references, ort_options=ort_options, files=files)
             del references
             component_specs[name] = spec  # its sample inputs feed the fp16 gate; it holds no weights
             components[name] = Component(
@@ -256,10 +251,6 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
             manifest = _convert(tmp, manifest, o.precision, ck, component_specs, gate_dims, o.calibration, proven,
                                 keep)
             write_manifest(tmp, manifest)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -286,9 +277,8 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
                 {k: v.numpy() for k, v in spec.sample(dims, torch.Generator().manual_seed(200 + i)).items()}
                 for i, dims in enumerate(gate_dims)
             ]
-        graph_cache.clear((tmp / c.file).parent)  # made from the fp32 graph, which is about to be replaced
         written, options, parity, details = convert_component(
-            name, target, tmp / c.file, [t.name for t in c.outputs], c.ort_options, gate_feeds, calibration_feeds,
+            name, target, tmp / c.file, c.outputs, c.ort_options, c.files, gate_feeds, calibration_feeds,
             upcast_attention=bool(ck.unet_config.get("upcast_attention")) and name == "unet",
         )
         for old in c.files:
@@ -306,13 +296,3 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
         proven(f"{name} {target}")
     return dataclasses.replace(manifest, components=components, provenance=provenance)
 
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""torch -> ONNX for one component, then the parity gate: ONNX Runtime against PyTorch on the same inputs.
+"""torch -> ONNX for one component, then the parity gate (gate.py): ONNX Runtime against PyTorch on the same inputs.
 
 The TorchScript exporter is used (as Optimum does): it traces a full-size U-Net in seconds where the torch.export
 path takes minutes and more memory, and its dynamic axes are proven by the gate, which runs a second input shape.
@@ -11,17 +11,15 @@ import gc
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from ..bundle import FileEntry
-from ..runtime import graph_cache
-from ..runtime.backends.ort import CACHE_OPTION, session_options
+from ..runtime.backends.ort import CACHE_OPTION
+from . import gate
+from .gate import Check, Tolerance
 from .specs import ComponentSpec
 
 DEFAULT_OPSET = 17
@@ -37,23 +35,6 @@ DATA_SUFFIX = ".data"
 INLINE_BYTES = 1024  # smaller tensors stay in the graph file, as onnx's own external-data writer does
 DATA_ALIGNMENT = 64  # each tensor in the data file starts on a cache line
 COPY_CHUNK = 64 * 1024**2
-
-
-class ParityError(RuntimeError):
-    """An exported component does not reproduce PyTorch within its tolerance."""
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Max abs error allowed, relative to the reference's largest magnitude (floored at 1)."""
-
-    relative: float
-
-    def limit(self, reference_max: float) -> float:
-        return self.relative * max(1.0, reference_max)
-
-
-FP32_TOLERANCE = Tolerance(relative=2e-3)
 
 
 @contextlib.contextmanager
@@ -215,46 +196,21 @@ def reference_outputs(module: torch.nn.Module, spec: ComponentSpec, dims_list: l
     return pairs
 
 
-def check_graph(
-    spec: ComponentSpec,
-    path: Path,
-    references: list,
-    tolerance: Tolerance | None = None,
-    ort_options: dict | None = None,
-    files: tuple[FileEntry, ...] = (),
-) -> dict:
-    """Run the ONNX file on the references' inputs; raise ParityError where it leaves PyTorch's outputs by more
-    than the tolerance.
+def check_against_torch(spec: ComponentSpec, path: Path, references: list, tolerance: Tolerance | None = None,
+                        ort_options: dict | None = None, files: tuple[FileEntry, ...] = ()) -> dict:
+    """The parity gate (gate.py) on PyTorch's outputs from reference_outputs: ParityError past the tolerance.
 
-    `files` (the graph's manifest entries) let the gate load it through the graph cache, as the runtime will, which
-    leaves the graph optimised for this machine in the bundle. Returns what the manifest records: the worst error,
-    the limit it was held to, and the shapes tried."""
-    tolerance = tolerance or FP32_TOLERANCE
-    ort_options = ort_options or {}
-    # the gate runs the graph exactly as the runtime will, optimisations included
-    options = session_options(ort, ort_options, threads=None, lean=False)
-    session = graph_cache.open_session(ort, path, files, options, ["CPUExecutionProvider"],
-                                       cache=bool(files and ort_options.get(CACHE_OPTION)))
-    worst = {"max_abs_err": 0.0, "limit": 0.0, "output": None}
-    for dims, feeds, expected in references:
-        got = session.run([t.name for t in spec.outputs], feeds)
-        for out, ref, g in zip(spec.outputs, expected, got):
-            if ref.shape != g.shape:
-                raise ParityError(f"{spec.name}.{out.name}: ONNX shape {g.shape} != PyTorch {ref.shape} at {dims}")
-            err = float(np.max(np.abs(ref - g.astype(np.float32))))
-            limit = tolerance.limit(float(np.max(np.abs(ref))))
-            if not err <= limit:
-                raise ParityError(
-                    f"{spec.name}.{out.name}: ONNX Runtime differs from PyTorch by {err:.3g} "
-                    f"(limit {limit:.3g}) at {dims}; the export is wrong, not written"
-                )
-            if err / limit >= worst["max_abs_err"] / max(worst["limit"], 1e-30):
-                worst = {"max_abs_err": err, "limit": limit, "output": out.name}
-    del session
-    return {**worst, "relative_tolerance": tolerance.relative, "shapes": [dims for dims, _, _ in references]}
+    `files` (the graph's manifest entries) let the gate load it through the graph cache, as the runtime will,
+    which leaves the graph optimised for this machine in the bundle. Returns what the manifest records: the worst
+    error, the limit it was held to, and the shapes tried."""
+    check = Check(spec.name, "ONNX Runtime", "PyTorch", tolerance or gate.FP32_TOLERANCE)
+    record = gate.check_graph(check, path, [feeds for _, feeds, _ in references], [out for _, _, out in references],
+                              [t.name for t in spec.outputs], ort_options or {}, files=files,
+                              labels=[str(dims) for dims, _, _ in references])
+    return {**record, "shapes": [dims for dims, _, _ in references]}
 
 
 def check_parity(module: torch.nn.Module, spec: ComponentSpec, path: Path, dims_list: list[dict[str, int]],
                  **kwargs) -> dict:
-    """reference_outputs then check_graph, for a caller that keeps the module anyway."""
-    return check_graph(spec, path, reference_outputs(module, spec, dims_list), **kwargs)
+    """reference_outputs then check_against_torch, for a caller that keeps the module anyway."""
+    return check_against_torch(spec, path, reference_outputs(module, spec, dims_list), **kwargs)

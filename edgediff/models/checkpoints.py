@@ -8,12 +8,13 @@ and noise are drawn from per-step seeds; see data.py).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+
+from ..atomic import atomic_file
 
 
 def _module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -39,9 +40,8 @@ def save(path: Path, step: int, modules: dict[str, torch.nn.Module], optimizers:
         opt_tensors, opt_meta = _optimizer_tensors(f"optimizer/{name}", optimizer)
         tensors.update(opt_tensors)
         meta["optimizers"][name] = opt_meta
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"edgediff": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"edgediff": json.dumps(meta)})
 
 
 def load(path: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict:

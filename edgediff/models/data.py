@@ -9,12 +9,12 @@ without saving any generator state.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_file
 from . import architecture as arch
 from .shapes import COLOURS, SHAPES, Scene, caption_for, make_dataset
 
@@ -44,10 +44,8 @@ class Dataset:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def load_or_make(folder: Path, n: int, seed: int) -> Dataset:

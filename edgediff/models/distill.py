@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_file
 from . import architecture as arch
 from . import data
 from .diffusion import DdimSolver, NoiseSchedule, consistency_boundary, ema_update, guidance_embedding, lr_at
@@ -87,9 +88,8 @@ def make_pool(path: Path, text_encoder, teacher, ds: data.Dataset, seed: int, n:
         if progress:
             progress(chunk + b, n)
     pool = {k: np.concatenate(v) for k, v in parts.items()}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, settings=settings, **pool)
-    tmp.replace(path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, settings=settings, **pool)
     return pool
 
 

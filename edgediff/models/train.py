@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from edgediff.atomic import atomic_file, atomic_folder
+from edgediff.export import PRECISIONS
 
 # Set before torch loads its OpenMP runtime: on a shared 2-core machine, spinning worker threads that wait for
 # a descheduled sibling made a training step up to 10x slower; sleeping waits cost ~20% when the machine is idle.
@@ -59,7 +61,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", default="all", choices=("all", "data", *STAGES, "export-teacher"))
     p.add_argument("--resume", action="store_true", help="continue a stage interrupted in DIR")
     p.add_argument("--bundle-out", type=Path, help="where export writes the bundle (default DIR/bundle)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                    help="export: the bundle's precision (int8 default folder: DIR/bundle-int8)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (at most 2 here)")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -90,19 +92,6 @@ def _config(args: argparse.Namespace) -> RunConfig:
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(config), indent=2) + "\n")
     return config
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished stage folder into place (atomic: a stage is either done or not)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _scratch(out: Path, name: str) -> Path:
-    tmp = out / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
 
 
 def _with_guidance(bundle: Path, manifest, guidance: float):
@@ -160,9 +149,8 @@ class Run:
             vae, loop = vae_loop(self.model, self.data, c.seed, c.vae_steps, c.vae_batch, c.vae_lr,
                                  self.out / "state-vae.safetensors", self.checkpoint_seconds)
             self._run(loop)
-            tmp = _scratch(self.out, "vae")
-            vae.save_pretrained(tmp, safe_serialization=True)
-            _publish(tmp, self.out / "vae")
+            with atomic_folder(self.out / "vae", replace=True) as tmp:  # a stage is either done or not
+                vae.save_pretrained(tmp, safe_serialization=True)
             (self.out / "state-vae.safetensors").unlink(missing_ok=True)
         if not (self.out / "latents.npy").is_file():
             from diffusers import AutoencoderKL
@@ -170,12 +158,10 @@ class Run:
             vae = AutoencoderKL.from_pretrained(self.out / "vae")
             latents, shift, scale = encode_latents(vae, self.data.images)
             vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-            tmp = _scratch(self.out, "vae")
-            vae.save_pretrained(tmp, safe_serialization=True)
-            _publish(tmp, self.out / "vae")
-            with open(self.out / ".latents.tmp.npy", "wb") as f:
+            with atomic_folder(self.out / "vae", replace=True) as tmp:
+                vae.save_pretrained(tmp, safe_serialization=True)
+            with atomic_file(self.out / "latents.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, latents)
-            os.replace(self.out / ".latents.tmp.npy", self.out / "latents.npy")
             self.log(f"latents {latents.shape}: shift {shift:.4f}, scale {scale:.4f}")
             self.log(f"reconstructions, as the detector sees them: {reconstruction_check(vae, self.config.seed)}")
 
@@ -189,10 +175,9 @@ class Run:
                                                   c.teacher_batch, c.teacher_lr, self.out / "state-teacher.safetensors",
                                                   self.checkpoint_seconds)
         self._run(loop)
-        tmp = _scratch(self.out, "teacher")
-        text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        _publish(tmp, self.out / "teacher")
+        with atomic_folder(self.out / "teacher", replace=True) as tmp:
+            text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
         (self.out / "state-teacher.safetensors").unlink(missing_ok=True)
 
     def _teacher(self):
@@ -225,9 +210,8 @@ class Run:
                                      c.distill_batch, c.distill_lr, self.out / "state-distill.safetensors",
                                      self.checkpoint_seconds)
         self._run(loop)
-        tmp = _scratch(self.out, "student")
-        student.save_pretrained(tmp / "unet", safe_serialization=True)
-        _publish(tmp, self.out / "student")
+        with atomic_folder(self.out / "student", replace=True) as tmp:
+            student.save_pretrained(tmp / "unet", safe_serialization=True)
         (self.out / "state-distill.safetensors").unlink(missing_ok=True)
         pool_path.unlink(missing_ok=True)
 
@@ -244,23 +228,23 @@ class Run:
         if not teacher:
             unet = UNet2DConditionModel.from_pretrained(self.out / "student" / "unet")
         pipeline = self.out / ("pipeline-teacher" if teacher else "pipeline")
-        tmp = _scratch(self.out, pipeline.name)
-        arch.save_pipeline(tmp, text_encoder, unet, AutoencoderKL.from_pretrained(self.out / "vae"), teacher=teacher)
-        _publish(tmp, pipeline)
+        with atomic_folder(pipeline, replace=True) as tmp:
+            arch.save_pipeline(tmp, text_encoder, unet, AutoencoderKL.from_pretrained(self.out / "vae"),
+                               teacher=teacher)
         precision = self.args.precision
         default = self.out / ("bundle-teacher" if teacher else "bundle" if precision == "fp32" else f"bundle-{precision}")
         bundle = default if teacher else (self.args.bundle_out or default)
-        staging = bundle.parent / f".{bundle.name}.export-{os.getpid()}"
         # int8 ranges come from renders of the model's own grammar, not the exporter's photographic prompts.
         calibration = Calibration(prompts=tuple(prompts("one", 4, 7) + prompts("two", 8, 7)), held_out=2)
-        manifest = export_bundle(
-            pipeline, staging, preset="standard" if teacher else "lcm", force=True, precision=precision,
-            calibration=calibration if precision == "int8" else None, description=arch.DESCRIPTION,
-            progress=lambda what, done, total: self.log(f"export: {what} proven ({done}/{total})"),
-        )
-        if not teacher and arch.DEFAULT_GUIDANCE is not None:
-            manifest = _with_guidance(staging, manifest, arch.DEFAULT_GUIDANCE)
-        _publish(staging, bundle)
+        # the guidance rewrite happens before the bundle appears: readers never see the exporter's default
+        with atomic_folder(bundle, replace=True) as staging:
+            manifest = export_bundle(
+                pipeline, staging, preset="standard" if teacher else "lcm", force=True, precision=precision,
+                calibration=calibration if precision == "int8" else None, description=arch.DESCRIPTION,
+                progress=lambda what, done, total: self.log(f"export: {what} proven ({done}/{total})"),
+            )
+            if not teacher and arch.DEFAULT_GUIDANCE is not None:
+                manifest = _with_guidance(staging, manifest, arch.DEFAULT_GUIDANCE)
         self.log(f"bundle written to {bundle} ({manifest.preset}, defaults {manifest.defaults})")
         return bundle
 

@@ -20,6 +20,7 @@ import platform
 import shutil
 from pathlib import Path
 
+from ..atomic import atomic_folder
 from ..bundle import FileEntry
 
 CACHE_FOLDER = ".ort-optimized"
@@ -86,36 +87,31 @@ def open_session(ort, source: Path, files: tuple[FileEntry, ...], options, provi
                 shutil.rmtree(folder, ignore_errors=True)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     for folder in folders:
-        partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+        session = None
         try:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        except OSError:
-            continue  # read-only: try the next place
-        options.optimized_model_filepath = os.fspath(partial / source.name)
-        if any(f.path.endswith(".data") for f in files):
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", source.name + ".data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        try:
-            session = ort.InferenceSession(os.fspath(source), options, providers=providers)
+            with atomic_folder(folder) as partial:
+                _save_optimized_to(options, partial, source, files)
+                session = ort.InferenceSession(os.fspath(source), options, providers=providers)
+                for f in partial.iterdir():
+                    f.chmod(0o644)  # onnxruntime writes external data owner-only; a bundle is read by whoever renders
+        except OSError:  # a read-only place (try the next), or another process published the same graph first
+            options.optimized_model_filepath = ""
+            if session is not None:
+                return session
+            continue
         except Exception:  # a full disk, say; a graph that cannot load at all fails again just below
-            shutil.rmtree(partial, ignore_errors=True)
             options.optimized_model_filepath = ""
             break
-        _publish(partial, folder)
         return session
     return ort.InferenceSession(os.fspath(source), options, providers=providers)
 
 
-def _publish(partial: Path, folder: Path) -> None:
-    """Rename the written graph into place; another process that got there first wins."""
-    for f in partial.iterdir():
-        f.chmod(0o644)  # onnxruntime writes external data owner-only; a bundle is read by whoever renders
-    try:
-        partial.rename(folder)
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
+def _save_optimized_to(options, folder: Path, source: Path, files: tuple[FileEntry, ...]) -> None:
+    options.optimized_model_filepath = os.fspath(folder / source.name)
+    if any(f.path.endswith(".data") for f in files):
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", source.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
 
 
 def cached_graphs(component_dir: Path) -> dict[str, int]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from ..atomic import atomic_file
+
 
 class ImageInputError(ValueError):
     """An init image that cannot be used."""
@@ -45,8 +47,15 @@ def pil_to_vae_input(image: Image.Image, width: int, height: int) -> np.ndarray:
     return (arr * 2 - 1).transpose(2, 0, 1)[None].copy()
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
-    """Write a PNG carrying the generation parameters in a `parameters` text chunk (as A1111-style tools read)."""
+def write_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+    """Write a PNG carrying the generation parameters in a `parameters` text chunk (as A1111-style tools read),
+    in place: for a path that atomic_file / atomic_files handed out."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     image.save(Path(path), format="PNG", pnginfo=info)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+    """write_png through a temporary file: a failed write leaves an existing PNG at `path` as it was."""
+    with atomic_file(path) as tmp:
+        write_png(image, tmp, parameters)

@@ -38,7 +38,11 @@ import numpy as np
 
 __all__ = ["NOISE_KINDS", "NumpyNoise", "TorchNoise", "make_noise"]
 
-NOISE_KINDS = ("torch", "numpy")
+# The noise sources a render can draw from (`edgediff render --noise`), with what each means.
+NOISE_KINDS: dict[str, str] = {
+    "torch": "the seed draws what diffusers' torch CPU generator draws (same seed, same image)",
+    "numpy": "NumPy's own generator",
+}
 TORCH_KERNELS = ("avx2", "scalar")
 
 _FLOAT_MASK = 0xFFFFFF  # float32 uniforms keep the low 24 bits of a word

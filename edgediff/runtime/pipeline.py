@@ -25,6 +25,7 @@ from .noise import make_noise
 from .plan import OUTPUT_TYPES, RenderError, RenderPlan, build_schedule, make_plan, sampler_settings
 from .samplers import SAMPLERS
 from .sessions import Session, SessionSettings
+from .timing import StageTimer
 
 MEMORY_MODES = ("normal", "low")
 # (component name, its manifest record) -> a session; the default opens it through the backend registry
@@ -42,22 +43,6 @@ class PipelineOutput:
     plan: RenderPlan | None = None  # what the render resolved: sampler, schedule, steps, guidance, size, seed, ...
 
 
-class Timer:
-    def __init__(self):
-        self.timings: dict[str, float | list[float]] = {"steps": []}
-        self._start = time.perf_counter()
-
-    def stage(self, name: str, since: float) -> float:
-        now = time.perf_counter()
-        if name == "steps":
-            self.timings["steps"].append(now - since)
-        else:
-            self.timings[name] = self.timings.get(name, 0.0) + now - since
-        return now
-
-    def total(self) -> dict:
-        self.timings["total"] = time.perf_counter() - self._start
-        return self.timings
 
 
 class Pipeline:
@@ -143,7 +128,7 @@ class Pipeline:
         schedule: str | None = None,
         eta: float | None = None,
     ) -> PipelineOutput:
-        timer = Timer()
+        timer = StageTimer()
         if output_type not in OUTPUT_TYPES:
             raise RenderError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -167,7 +152,7 @@ class Pipeline:
         return PipelineOutput(out, timer.total(), warnings, interrupted, plan)
 
     def _initial_latents(self, plan: RenderPlan, batch: int, init_noise_sigma: float, init_image,
-                         latents: np.ndarray | None, rng, timer: Timer) -> np.ndarray:
+                         latents: np.ndarray | None, rng, timer: StageTimer) -> np.ndarray:
         """Unit noise (or the caller's `latents`) scaled to the schedule's first sigma; for img2img, added to the
         init image's latents."""
         shape = self.family.latent_shape(batch, plan.height, plan.width)
@@ -180,7 +165,7 @@ class Pipeline:
         return (clean + _initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
 
     def _loop(self, x: np.ndarray, conditioning: Conditioning, plan: RenderPlan, sched, rng, callback,
-              timer: Timer) -> tuple[np.ndarray, bool]:
+              timer: StageTimer) -> tuple[np.ndarray, bool]:
         """The sampler over the schedule; returns the final latents and whether a callback stopped it."""
         info = SAMPLERS[plan.sampler]
         options = sampler_settings(self.manifest, plan)  # DDIM's eta and clip_sample
