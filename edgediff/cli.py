@@ -19,7 +19,7 @@ from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
 from .runtime.pipeline import MEMORY_MODES
 from .runtime.samplers import PRESETS, SAMPLERS
-from .runtime.schedules import SCHEDULES
+from .runtime.schedules import DISCRETE, SCHEDULES
 
 USAGE_ERROR = 2
 
@@ -198,7 +198,7 @@ def _parameters_text(prompt, negative, plan, bundle) -> str:
 @main.command()
 def samplers():
     """List the samplers, schedules and distilled-model presets, one line each."""
-    spaced = ("discrete", "leading", "linspace", "trailing", "sgm_uniform")
+    spaced = DISCRETE
     click.echo("samplers (--sampler; in brackets the schedules each runs on, its default first):")
     for name, info in SAMPLERS.items():
         names = [n for n in info.schedules if n not in spaced]

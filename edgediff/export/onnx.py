@@ -209,8 +209,3 @@ def check_against_torch(spec: ComponentSpec, path: Path, references: list, toler
                               labels=[str(dims) for dims, _, _ in references])
     return {**record, "shapes": [dims for dims, _, _ in references]}
 
-
-def check_parity(module: torch.nn.Module, spec: ComponentSpec, path: Path, dims_list: list[dict[str, int]],
-                 **kwargs) -> dict:
-    """reference_outputs then check_against_torch, for a caller that keeps the module anyway."""
-    return check_against_torch(spec, path, reference_outputs(module, spec, dims_list), **kwargs)

@@ -281,7 +281,3 @@ def save_pipeline(folder: Path, text_encoder, unet, vae, *, teacher: bool = Fals
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
-
-
-def parameter_count(module) -> int:
-    return sum(p.numel() for p in module.parameters())

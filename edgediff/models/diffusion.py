@@ -76,9 +76,6 @@ class DdimSolver:
         ac_prev = self.alphas_prev[index].view(-1, 1, 1, 1)
         return ac_prev.sqrt() * x0 + (1.0 - ac_prev).sqrt() * eps
 
-    def end_timesteps(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(self.timesteps[index] - self.skip, min=0)
-
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""

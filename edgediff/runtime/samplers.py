@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .schedules import SCHEDULES
+from .schedules import DISCRETE, SCHEDULES
 
 Denoise = Callable[[np.ndarray, float], np.ndarray]
 Noise = Callable[[tuple[int, ...]], np.ndarray]
@@ -324,8 +324,7 @@ class SamplerInfo:
     clips: str = ""  # where diffusers' clip_sample applies: "x0" (the denoiser's output), "step" (the sampler's)
 
 
-_DISCRETE = ("discrete", "leading", "linspace", "trailing", "sgm_uniform")
-_WARPED = (*_DISCRETE, "karras", "exponential")
+_WARPED = (*DISCRETE, "karras", "exponential")
 
 SAMPLERS: dict[str, SamplerInfo] = {
     "euler": SamplerInfo(sample_euler, "euler", _WARPED, "Euler, deterministic; the plain default (EulerDiscrete)",
@@ -335,7 +334,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
                            "EulerAncestralDiscreteScheduler"),
     "heun": SamplerInfo(sample_heun, "euler", _WARPED, "Heun, second order: two model calls a step (HeunDiscrete)",
                         "HeunDiscreteScheduler", clips="x0"),
-    "ddim": SamplerInfo(sample_ddim, "ddim", _DISCRETE,
+    "ddim": SamplerInfo(sample_ddim, "ddim", DISCRETE,
                         "DDIM, deterministic unless --eta, for img2img and latent interpolation (DDIMScheduler)",
                         "DDIMScheduler", eta=0.0, clips="step"),
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "multistep", _WARPED,
@@ -410,10 +409,6 @@ def sampler_info(name: str) -> SamplerInfo:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
-
-
-def get_sampler(name: str) -> Callable:
-    return sampler_info(name).fn
 
 
 def resolve(sampler: str, schedule: str | None = None, preset: str | None = None) -> tuple[SamplerInfo, str]:
