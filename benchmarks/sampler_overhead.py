@@ -24,7 +24,7 @@ from edgediff.bundle import SchedulerConfig
 from edgediff.runtime import schedules
 from edgediff.runtime.denoise import make_denoiser
 from edgediff.runtime.noise import make_noise
-from edgediff.runtime.samplers import SAMPLERS
+from edgediff.runtime.sampler_catalogue import SAMPLERS
 
 LATENTS = {"64x64x4": (1, 4, 64, 64), "128x128x4": (1, 4, 128, 128)}
 BUDGET_S = 1e-3  # per step at 64x64x4

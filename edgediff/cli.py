@@ -18,7 +18,7 @@ from .export import PRECISIONS
 from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
 from .runtime.pipeline import MEMORY_MODES
-from .runtime.samplers import PRESETS, SAMPLERS
+from .runtime.sampler_catalogue import PRESETS, SAMPLERS
 from .runtime.schedules import DISCRETE, SCHEDULES
 
 USAGE_ERROR = 2
@@ -167,7 +167,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
 def _check_sampling_names(sampler, schedule, eta=None) -> None:
     from .bundle import SchedulerConfig
     from .runtime.pipeline import RenderError
-    from .runtime.samplers import resolve, sampler_options
+    from .runtime.sampler_catalogue import resolve, sampler_options
     from .runtime.schedules import SCHEDULES
 
     try:

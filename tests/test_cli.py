@@ -189,7 +189,7 @@ def test_choices_come_from_the_catalogues():
     from edgediff.export import PRECISIONS
     from edgediff.runtime.noise import NOISE_KINDS
     from edgediff.runtime.pipeline import MEMORY_MODES
-    from edgediff.runtime.samplers import PRESETS, SAMPLERS
+    from edgediff.runtime.sampler_catalogue import PRESETS, SAMPLERS
     from edgediff.runtime.schedules import SCHEDULES
 
     assert _choices("render", "sampler") == list(SAMPLERS) and _choices("render", "schedule") == list(SCHEDULES)
@@ -202,9 +202,9 @@ def test_choices_come_from_the_catalogues():
 
 @pytest.mark.parametrize("option,catalogue", [("--sampler", "SAMPLERS"), ("--schedule", "SCHEDULES")])
 def test_every_catalogued_name_is_accepted(tmp_path, option, catalogue):
-    from edgediff.runtime import samplers, schedules
+    from edgediff.runtime import sampler_catalogue, schedules
 
-    names = getattr(samplers if catalogue == "SAMPLERS" else schedules, catalogue)
+    names = getattr(sampler_catalogue if catalogue == "SAMPLERS" else schedules, catalogue)
     for name in names:  # accepted: the render goes on to look for the (missing) bundle
         _assert_bad(("render", "x", "-m", tmp_path / "nope", option, name), "no such bundle folder", tmp_path)
 

@@ -17,7 +17,7 @@ from edgediff.bundle import SchedulerConfig
 from edgediff.runtime import schedules
 from edgediff.runtime.denoise import make_denoiser
 from edgediff.runtime.noise import TorchNoise
-from edgediff.runtime.samplers import PRESETS, SAMPLERS, resolve, sampler_options
+from edgediff.runtime.sampler_catalogue import PRESETS, SAMPLERS, resolve, sampler_options
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

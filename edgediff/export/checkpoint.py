@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bundle import AddedConditions, Defaults, LatentSpace, SchedulerConfig, TextEncoder
-from ..runtime.samplers import SAMPLERS
+from ..runtime.sampler_catalogue import SAMPLERS
 
 PRESETS = ("standard", "turbo", "lcm", "lightning")
 TOKENIZER_FILES = (

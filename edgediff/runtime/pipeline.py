@@ -23,7 +23,7 @@ from .families import Conditioning, family_for
 from .images import decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
 from .noise import make_noise
 from .plan import OUTPUT_TYPES, RenderError, RenderPlan, build_schedule, make_plan, sampler_settings
-from .samplers import SAMPLERS
+from .sampler_catalogue import SAMPLERS
 from .sessions import Session, SessionSettings
 from .timing import StageTimer
 

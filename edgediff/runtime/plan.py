@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..bundle import Manifest
 from . import schedules
 from .noise import NOISE_KINDS
-from .samplers import SAMPLERS, SamplerInfo, SamplerOptions, resolve, sampler_options
+from .sampler_catalogue import SAMPLERS, SamplerInfo, SamplerOptions, resolve, sampler_options
 
 OUTPUT_TYPES = ("pil", "np")
 
