@@ -19,9 +19,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..bundle import FileEntry
+from ..bundle import FileEntry, Parity, SessionOptions
 from ..runtime import graph_cache
-from ..runtime.sessions import CACHE_OPTION, session_options
+from ..runtime.sessions import session_options
 from .specs import ComponentSpec
 
 DEFAULT_OPSET = 17
@@ -72,7 +72,7 @@ def _quiet_exporter():
 
 def export_component(
     module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, int], path: Path, *, opset: int = DEFAULT_OPSET
-) -> tuple[list[Path], dict]:
+) -> tuple[list[Path], SessionOptions]:
     """Export `module` to `path` (model.onnx); weights go to one `model.onnx.data` beside it past 2 GiB.
 
     Returns the files written and the ONNX Runtime options the graph should run with."""
@@ -186,18 +186,15 @@ def _copy_tensor_data(tensor: onnx.TensorProto, source: Path | None, out) -> Non
                 left -= len(chunk)
 
 
-def default_ort_options(weights: int, convolutional: bool = False) -> dict:
+def default_ort_options(weights: int, convolutional: bool = False) -> SessionOptions:
     """How ONNX Runtime should load a graph of `weights` bytes (docs/loading.md).
 
     Pre-packing stays on: it costs ~1-3 s at load but makes the text encoder 1.4x faster; memory="low" sessions
     turn it off, since it keeps a second copy of the matrix weights. `convolutional`: float32 convolutions, which
     the "all" level re-lays out for this CPU (fp16 graphs pass False: the re-layout is float32-only)."""
     large = weights > LARGE_GRAPH_BYTES
-    options = {"graph_optimization_level": "extended" if large and not convolutional else "all",
-               "disable_prepacking": False}
-    if large and convolutional:
-        options[CACHE_OPTION] = True
-    return options
+    return SessionOptions(graph_optimization_level="extended" if large and not convolutional else "all",
+                          disable_prepacking=False, cache_optimized_graph=large and convolutional)
 
 
 def reference_outputs(module: torch.nn.Module, spec: ComponentSpec, dims_list: list[dict[str, int]]) -> list:
@@ -220,9 +217,9 @@ def check_graph(
     path: Path,
     references: list,
     tolerance: Tolerance | None = None,
-    ort_options: dict | None = None,
+    ort_options: SessionOptions | None = None,
     files: tuple[FileEntry, ...] = (),
-) -> dict:
+) -> Parity:
     """Run the ONNX file on the references' inputs; raise ParityError where it leaves PyTorch's outputs by more
     than the tolerance.
 
@@ -230,11 +227,11 @@ def check_graph(
     leaves the graph optimised for this machine in the bundle. Returns what the manifest records: the worst error,
     the limit it was held to, and the shapes tried."""
     tolerance = tolerance or FP32_TOLERANCE
-    ort_options = ort_options or {}
+    ort_options = ort_options or SessionOptions()
     # the gate runs the graph exactly as the runtime will, optimisations included
     options = session_options(ort, ort_options, threads=None, lean=False)
     session = graph_cache.open_session(ort, path, files, options, ["CPUExecutionProvider"],
-                                       cache=bool(files and ort_options.get(CACHE_OPTION)))
+                                       cache=bool(files) and ort_options.cache_optimized_graph)
     worst = {"max_abs_err": 0.0, "limit": 0.0, "output": None}
     for dims, feeds, expected in references:
         got = session.run([t.name for t in spec.outputs], feeds)
@@ -251,10 +248,10 @@ def check_graph(
             if err / limit >= worst["max_abs_err"] / max(worst["limit"], 1e-30):
                 worst = {"max_abs_err": err, "limit": limit, "output": out.name}
     del session
-    return {**worst, "relative_tolerance": tolerance.relative, "shapes": [dims for dims, _, _ in references]}
+    return Parity(**worst, relative_tolerance=tolerance.relative, shapes=tuple(dims for dims, _, _ in references))
 
 
 def check_parity(module: torch.nn.Module, spec: ComponentSpec, path: Path, dims_list: list[dict[str, int]],
-                 **kwargs) -> dict:
+                 **kwargs) -> Parity:
     """reference_outputs then check_graph, for a caller that keeps the module anyway."""
     return check_graph(spec, path, reference_outputs(module, spec, dims_list), **kwargs)

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from ..runtime.sessions import session_options
+from ..bundle import Conversion, Parity, SessionOptions
 from .onnx import ParityError, default_ort_options, save_graph
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -76,7 +77,7 @@ def psnr_db(reference: np.ndarray, got: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
 
 
-def run_graph(path: Path, feeds_list: list[dict[str, np.ndarray]], ort_options: dict) -> list[list[np.ndarray]]:
+def run_graph(path: Path, feeds_list: list[dict[str, np.ndarray]], ort_options: SessionOptions) -> list[list[np.ndarray]]:
     options = session_options(ort, ort_options, threads=None, lean=False)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     out = [session.run(None, feeds) for feeds in feeds_list]
@@ -91,8 +92,8 @@ def gate(
     path: Path,
     feeds_list: list[dict[str, np.ndarray]],
     output_names: list[str],
-    ort_options: dict,
-) -> dict:
+    ort_options: SessionOptions,
+) -> Parity:
     """Run the converted graph on `feeds_list` and hold it to the fp32 outputs `reference`; returns the worst case
     (by PSNR) for the manifest, or raises ParityError."""
     limits = GATES[precision][component]
@@ -103,8 +104,8 @@ def gate(
             result = limits.check(component, name, r, g, precision)
             if not worst or result["psnr_db"] < worst["psnr_db"]:
                 worst = result
-    return {**worst, "against": "fp32 graph", "relative_tolerance": limits.relative,
-            "min_psnr_db": limits.min_psnr_db, "samples": len(feeds_list)}
+    return Parity(**worst, against="fp32 graph", relative_tolerance=limits.relative,
+                  min_psnr_db=limits.min_psnr_db, samples=len(feeds_list))
 
 
 def fp16_islands(component: str, model: onnx.ModelProto, *, upcast_attention: bool) -> list[str]:
@@ -116,7 +117,7 @@ def fp16_islands(component: str, model: onnx.ModelProto, *, upcast_attention: bo
     return [op for op in islands if op in present]
 
 
-def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) -> tuple[list[Path], dict, dict]:
+def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) -> tuple[list[Path], SessionOptions, Conversion]:
     """Rewrite the fp32 graph at `path` as fp16 in place (fp32 inputs and outputs, fp32 islands).
 
     Returns the files written, the ONNX Runtime options, and what the manifest records about the conversion."""
@@ -128,7 +129,7 @@ def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) 
     model = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + islands)
     written, weights = save_graph(model, path)
     del model
-    return written, default_ort_options(weights), {"fp32_islands": islands}
+    return written, default_ort_options(weights), Conversion(fp32_islands=tuple(islands))
 
 
 def convert_component(
@@ -136,12 +137,12 @@ def convert_component(
     precision: str,
     path: Path,
     output_names: list[str],
-    fp32_ort_options: dict,
+    fp32_ort_options: SessionOptions,
     gate_feeds: list[dict[str, np.ndarray]],
     calibration_feeds: list[dict[str, np.ndarray]] | None = None,
     *,
     upcast_attention: bool = False,
-) -> tuple[list[Path], dict, dict, dict]:
+) -> tuple[list[Path], SessionOptions, Parity, Conversion]:
     """Convert the proven fp32 graph at `path` to `precision` in place and gate it against the fp32 graph.
 
     Returns the files written, the ONNX Runtime options, the parity record, and what the manifest records about

@@ -157,11 +157,12 @@ class Pipeline:
         return decoded_to_unit(self.session("vae_decoder")(latent_sample=z)["sample"])
 
     def resolve_sampler(self, sampler: str | None = None, schedule: str | None = None) -> tuple[SamplerInfo, str]:
-        """The sampler and schedule a render runs: the caller's, else the manifest's default sampler and its
-        preset's schedule (Turbo: euler_a, trailing; LCM: lcm; Lightning: euler, trailing), else the sampler's own
-        default. A pair that makes no sense (lcm with karras, flow_euler on an epsilon model) is refused."""
+        """The sampler and schedule a render runs: the caller's, else the manifest's default sampler and schedule
+        (the export wrote its preset's: Turbo euler_a, trailing; LCM lcm; Lightning euler, trailing), else the
+        sampler's own default. A pair that makes no sense (lcm with karras, flow_euler on an epsilon model) is
+        refused."""
         sampler = sampler or self.manifest.defaults.sampler
-        info, schedule = _lookup(resolve, sampler, schedule, self.manifest.preset)
+        info, schedule = _lookup(resolve, sampler, schedule, self.manifest.defaults.schedule)
         prediction = self.manifest.prediction_type
         if (info.convention == "flow") != (prediction == "flow"):
             fits = [n for n, s in SAMPLERS.items() if (s.convention == "flow") == (prediction == "flow")]

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..bundle import BundleError, Component, TensorSpec
+from ..bundle import BundleError, Component, SessionOptions, TensorSpec
 from . import graph_cache
 
 BACKENDS = {
@@ -22,9 +22,6 @@ BACKENDS = {
 
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
-# ort_options key: load through graph_cache (the "all"-level graph saved once per machine), set by the export for
-# large convolutional graphs whose "all"-level optimisation would otherwise cost seconds at every load.
-CACHE_OPTION = "cache_optimized_graph"
 
 
 class FeedError(ValueError):
@@ -85,7 +82,7 @@ class OrtSession:
         path = root / component.file
         try:
             self._session = graph_cache.open_session(
-                ort, path, component.files, options, providers, cache=bool(component.ort_options.get(CACHE_OPTION)))
+                ort, path, component.files, options, providers, cache=component.ort_options.cache_optimized_graph)
         except Exception as e:  # onnxruntime raises its own untyped errors for bad files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None
@@ -96,11 +93,11 @@ class OrtSession:
         return dict(zip(self._output_names, self._session.run(self._output_names, feeds)))
 
 
-def session_options(ort, chosen: dict, threads: int | None, lean: bool):
+def session_options(ort, chosen: SessionOptions, threads: int | None, lean: bool):
     """ONNX Runtime options from what the export chose for this graph (the manifest's ort_options)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    level = chosen.get("graph_optimization_level", "all")
+    level = chosen.graph_optimization_level
     if level not in OPTIMIZATION_LEVELS:
         raise BundleError(f"unknown graph optimization level {level!r} in the manifest; re-export the bundle")
     options.graph_optimization_level = {
@@ -109,7 +106,7 @@ def session_options(ort, chosen: dict, threads: int | None, lean: bool):
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
-    if chosen.get("disable_prepacking") or lean:
+    if chosen.disable_prepacking or lean:
         # Pre-packing copies every GEMM weight into the kernel's layout at load: seconds, and a second copy of
         # memory-mapped weights (1.2 GB for the SD U-Net); it pays back in speed only when memory is no object.
         options.add_session_config_entry("session.disable_prepacking", "1")
