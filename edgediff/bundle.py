@@ -117,12 +117,12 @@ class LatentSpace:
 class Defaults:
     """What a render runs when the caller does not say: written at export from the preset."""
 
-    sampler: str = "euler"
-    schedule: str = "discrete"
-    steps: int = field(default=20, metadata=at_least(1))
-    guidance_scale: float = 7.5
-    height: int = field(default=512, metadata=at_least(1))
-    width: int = field(default=512, metadata=at_least(1))
+    sampler: str
+    schedule: str
+    steps: int = field(metadata=at_least(1))
+    guidance_scale: float
+    height: int = field(metadata=at_least(1))
+    width: int = field(metadata=at_least(1))
 
 
 @dataclass(frozen=True)
