@@ -40,10 +40,32 @@ from .records import (
 
 # The records bundle.py's users take from here, wherever they are defined.
 __all__ = [
-    "OPTIMIZATION_LEVELS", "PREDICTION_TYPES", "UNKNOWN_LICENCE", "AxisRange", "CalibrationRecord", "Conversion",
-    "FieldError", "FileEntry", "LoraRecord", "Parity", "Provenance", "SessionOptions", "TensorSpec",
-    "TokenizerRecord", "AddedConditions", "BundleError", "Component", "Defaults", "LatentSpace", "Manifest",
-    "SchedulerConfig", "TextEncoder", "check_files", "default_axis_ranges", "load_manifest", "read_manifest",
+    "OPTIMIZATION_LEVELS",
+    "PREDICTION_TYPES",
+    "UNKNOWN_LICENCE",
+    "AddedConditions",
+    "AxisRange",
+    "BundleError",
+    "CalibrationRecord",
+    "Component",
+    "Conversion",
+    "Defaults",
+    "FieldError",
+    "FileEntry",
+    "LatentSpace",
+    "LoraRecord",
+    "Manifest",
+    "Parity",
+    "Provenance",
+    "SchedulerConfig",
+    "SessionOptions",
+    "TensorSpec",
+    "TextEncoder",
+    "TokenizerRecord",
+    "check_files",
+    "default_axis_ranges",
+    "load_manifest",
+    "read_manifest",
     "write_manifest",
 ]
 
@@ -76,7 +98,7 @@ class Component:
     files: tuple[FileEntry, ...] = field(metadata=NONEMPTY)
     axes: dict[str, AxisRange] = field(default_factory=dict)  # every dynamic axis name of inputs and outputs
     parity: Parity | None = None
-    ort_options: SessionOptions = SessionOptions()
+    ort_options: SessionOptions = field(default_factory=SessionOptions)
     conversion: Conversion | None = None
 
     def input(self, name: str) -> TensorSpec | None:
@@ -278,7 +300,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     version = raw.get("format_version")
     try:
         if version == 1:
-            from .migrate import migrate_v1  # older bundles load as they are: migrated in memory, never rewritten
+            from .migrate import (
+                migrate_v1,  # older bundles load as they are: migrated in memory, never rewritten
+            )
 
             return migrate_v1(raw, root)
         if version == FORMAT_VERSION:

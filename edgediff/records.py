@@ -56,7 +56,10 @@ class FileEntry:
 
     @classmethod
     def of(cls, root, rel: str) -> FileEntry:
-        from .bundle import fingerprint_file, sha256_file  # the checksums live with the bundle's file checks
+        from .bundle import (  # the checksums live with the bundle's file checks
+            fingerprint_file,
+            sha256_file,
+        )
 
         full = root / rel
         return cls(rel, full.stat().st_size, sha256_file(full), fingerprint_file(full))

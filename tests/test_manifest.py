@@ -56,7 +56,7 @@ def test_v1_builtin_loads_migrated_and_renders_as_v2(tmp_path):
     assert m.components["unet"].axes["batch"] == AxisRange(1, 1, 8)
     assert m.components["unet"].ort_options == SessionOptions("all", False, False)
     assert "kind" not in json.dumps(m.to_json()) and (root / "manifest.json").read_text().count('"kind"') == 1
-    kw = dict(seed=3, output_type="np")
+    kw = {"seed": 3, "output_type": "np"}
     old = Pipeline.load(root)("a red circle left of a blue square", **kw).images
     new = Pipeline.load(BUILTIN_BUNDLE)("a red circle left of a blue square", **kw).images
     np.testing.assert_array_equal(old, new)

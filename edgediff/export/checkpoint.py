@@ -7,7 +7,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundle import AddedConditions, Defaults, LatentSpace, SchedulerConfig, TextEncoder
+from ..bundle import (
+    AddedConditions,
+    Defaults,
+    LatentSpace,
+    SchedulerConfig,
+    TextEncoder,
+)
 
 PRESETS = ("standard", "turbo", "lcm", "lightning")
 TOKENIZER_FILES = (

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..runtime.sessions import session_options
 from ..bundle import Conversion, Parity, SessionOptions
+from ..runtime.sessions import session_options
 from .onnx import ParityError, default_ort_options, save_graph
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -121,7 +121,10 @@ def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) 
     """Rewrite the fp32 graph at `path` as fp16 in place (fp32 inputs and outputs, fp32 islands).
 
     Returns the files written, the ONNX Runtime options, and what the manifest records about the conversion."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
     islands = fp16_islands(component, onnx.load(str(path), load_external_data=False), upcast_attention=upcast_attention)
     # Given the path, the converter infers shapes on disk (in-memory inference stops at protobuf's 2 GiB).

@@ -83,7 +83,11 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     external data file, which the session memory-maps (U-Net: 4.2 GB). Returns the ranges as a file in
     onnxruntime's calibration-cache format, in `scratch`."""
     import onnxruntime as ort
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        TensorsData,
+        save_tensors_data,
+    )
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     floats = {v.name for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
@@ -136,7 +140,12 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[
 
     Returns the files written (the graph, its data, the layer report), the ONNX Runtime options, and the
     manifest's summary of the report."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     keep = float_layers(onnx.load(str(path), load_external_data=False))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as scratch, _quiet():

@@ -131,12 +131,12 @@ class ClipTokenizer:
 
 def _template_ends(tokenizer: Tokenizer) -> tuple[int | None, int | None]:
     """The ids the post-processor puts before and after a text (CLIP: <|startoftext|>, <|endoftext|>)."""
-    padding, truncation = tokenizer.padding, tokenizer.truncation
+    padding = tokenizer.padding
     tokenizer.no_padding()
     try:
         encoding = tokenizer.encode("a")
     finally:
-        tokenizer.enable_padding(**padding)
+        tokenizer.enable_padding(**(padding or {}))
     ids, special = encoding.ids, encoding.special_tokens_mask
     bos = ids[0] if ids and special[0] else None
     eos = ids[-1] if len(ids) > 1 and special[-1] else None
