@@ -33,7 +33,7 @@ NONEMPTY = {"nonempty": True}
 NOT_WRITTEN = {"json": False}  # held in memory only (what the manifest was migrated from)
 
 OptimizationLevel = Literal["disabled", "basic", "extended", "all"]
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 OPTIMIZATION_LEVELS: tuple[str, ...] = typing.get_args(OptimizationLevel)
 PREDICTION_TYPES: tuple[str, ...] = typing.get_args(PredictionType)
 
@@ -214,7 +214,7 @@ def read_value(tp: Any, value: Any, where: str) -> Any:
             raise FieldError(where, f"expected an object, found {_show(value)}")
         return {k: read_value(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return read_record(tp, value, where)
+        return read_record(typing.cast(type, tp), value, where)
     return _read_scalar(tp, value, where)
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 from .. import __version__
 from ..bundle import (
     DEFAULT_MAX_BATCH,
+    PREDICTION_TYPES,
     Component,
     FileEntry,
     Manifest,
@@ -200,6 +201,9 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
     preset = ck.preset(o.preset)
     family = ck.family
     scheduler, prediction_type = ck.scheduler(preset)
+    if prediction_type not in PREDICTION_TYPES:
+        raise SourceError(f"{ck.root}: prediction_type {prediction_type!r} in the scheduler config; edgediff runs "
+                          f"{', '.join(PREDICTION_TYPES)}")
     for e in encoders:
         ck.tokenizer_files(e.tokenizer)  # present, or a SourceError before any export work
     trace_dims, gate_dims = _gate_shapes(ck)
@@ -248,7 +252,7 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
         manifest = Manifest(
             family=family,
             preset=preset,
-            prediction_type=prediction_type,
+            prediction_type=prediction_type,  # type: ignore[arg-type]  # checked above
             scheduler=scheduler,
             latent=ck.latent,
             size_multiple=ck.size_multiple,

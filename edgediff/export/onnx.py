@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -232,7 +233,7 @@ def check_graph(
     options = session_options(ort, ort_options, threads=None, lean=False)
     session = graph_cache.open_session(ort, path, files, options, ["CPUExecutionProvider"],
                                        cache=bool(files) and ort_options.cache_optimized_graph)
-    worst = {"max_abs_err": 0.0, "limit": 0.0, "output": None}
+    worst: dict[str, Any] = {"max_abs_err": 0.0, "limit": 0.0, "output": None}
     for dims, feeds, expected in references:
         got = session.run([t.name for t in spec.outputs], feeds)
         for out, ref, g in zip(spec.outputs, expected, got):

@@ -135,7 +135,7 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     return cache
 
 
-def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[Path], dict, dict]:
+def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[Path], SessionOptions, Conversion]:
     """Quantize the fp32 graph at `path` in place, calibrated on `feeds`.
 
     Returns the files written (the graph, its data, the layer report), the ONNX Runtime options, and the
