@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import PREDICTION_TYPES  # the manifest's catalogue: one list of prediction types
+from ..bundle import PREDICTION_TYPES
 
 # a Session: (sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond]) -> {"out_sample"}
 UNet = Callable[..., dict]
