@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgediff.bundle import read_manifest  # noqa: E402
+from edgediff.bundle import SessionOptions, read_manifest  # noqa: E402
 from edgediff.runtime import graph_cache  # noqa: E402
 from edgediff.runtime.backends.ort import session_options  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     component = read_manifest(args.bundle).components[args.component]
-    chosen = {"graph_optimization_level": args.level, "disable_prepacking": args.prepack == "off"}
+    chosen = SessionOptions(graph_optimization_level=args.level, disable_prepacking=args.prepack == "off")
     options = session_options(ort, chosen, threads=None, lean=args.lean)
     if args.profile:
         options.enable_profiling = True

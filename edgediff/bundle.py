@@ -9,21 +9,78 @@ This module is shared by both stages, so it imports only the standard library.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .records import (
+    NONEMPTY,
+    NOT_WRITTEN,
+    OPTIMIZATION_LEVELS,
+    PREDICTION_TYPES,
+    UNKNOWN_LICENCE,
+    AxisRange,
+    CalibrationRecord,
+    Conversion,
+    FieldError,
+    FileEntry,
+    LoraRecord,
+    Parity,
+    PredictionType,
+    Provenance,
+    SessionOptions,
+    TensorSpec,
+    TokenizerRecord,
+    at_least,
+    read_record,
+    to_json,
+)
+
+# The records bundle.py's users take from here, wherever they are defined.
+__all__ = [
+    "OPTIMIZATION_LEVELS",
+    "PREDICTION_TYPES",
+    "UNKNOWN_LICENCE",
+    "AddedConditions",
+    "AxisRange",
+    "BundleError",
+    "CalibrationRecord",
+    "Component",
+    "Conversion",
+    "Defaults",
+    "FieldError",
+    "FileEntry",
+    "LatentSpace",
+    "LoraRecord",
+    "Manifest",
+    "Parity",
+    "Provenance",
+    "SchedulerConfig",
+    "SessionOptions",
+    "TensorSpec",
+    "TextEncoder",
+    "TokenizerRecord",
+    "check_files",
+    "default_axis_ranges",
+    "load_manifest",
+    "read_manifest",
+    "write_manifest",
+]
+
 FORMAT = "edgediff-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 _FINGERPRINT_SAMPLES = 16
 _FINGERPRINT_CHUNK = 4096
 _HASH_BLOCK = 1 << 22
+
+# Batch sizes a graph is built for by default. A CFG render feeds the U-Net twice the images; doubling the U-Net's
+# batch range for that is the TensorRT build's business, the manifest states images per call as exported.
+DEFAULT_MAX_BATCH = 8
 
 
 class BundleError(Exception):
@@ -31,70 +88,33 @@ class BundleError(Exception):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: "float32", "float16", "int64", ...
-    shape: tuple[int | str, ...]  # ints are fixed, strings name a dynamic axis
-
-    @classmethod
-    def from_json(cls, d: dict) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a bundle, with what it takes to check it quickly (size, fingerprint) and fully (sha256)."""
-
-    path: str
-    size: int
-    sha256: str
-    fingerprint: str
-
-    @classmethod
-    def of(cls, root: Path, rel: str) -> FileEntry:
-        full = root / rel
-        return cls(rel, full.stat().st_size, sha256_file(full), fingerprint_file(full))
-
-
-@dataclass(frozen=True)
 class Component:
-    """One exported model: its graph file (and external data), precision and I/O signature."""
+    """One exported model: its graph file (and external data), precision, I/O signature and the sizes each of its
+    dynamic axes takes."""
 
     file: str
     precision: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    files: tuple[FileEntry, ...]
-    parity: dict[str, Any] = field(default_factory=dict)
-    # How ONNX Runtime should run this graph, chosen at export: {"graph_optimization_level": "all" | "extended" |
-    # "basic" | "disabled", "disable_prepacking": bool}. See docs/loading.md for why these differ per component.
-    ort_options: dict[str, Any] = field(default_factory=dict)
-    # What a reduced-precision conversion did: fp16's fp32 islands; int8's scheme, layer counts and the file of its
-    # per-layer report (quantized vs float, with reasons), which is also listed in `files`.
-    conversion: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, d: dict) -> Component:
-        return cls(
-            file=d["file"],
-            precision=d["precision"],
-            inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
-            outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
-            files=tuple(FileEntry(**f) for f in d["files"]),
-            parity=dict(d.get("parity", {})),
-            ort_options=dict(d.get("ort_options", {})),
-            conversion=dict(d.get("conversion", {})),
-        )
+    files: tuple[FileEntry, ...] = field(metadata=NONEMPTY)
+    axes: dict[str, AxisRange] = field(default_factory=dict)  # every dynamic axis name of inputs and outputs
+    parity: Parity | None = None
+    ort_options: SessionOptions = field(default_factory=SessionOptions)
+    conversion: Conversion | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
+
+    def dynamic_axes(self) -> list[str]:
+        names = (d for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str))
+        return list(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The training noise schedule, as the checkpoint's scheduler config states it."""
 
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = field(default=1000, metadata=at_least(1))
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
@@ -113,35 +133,30 @@ class SchedulerConfig:
     # neither), and a render must match `ThatClass.from_config(source_config)`.
     per_sampler: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @classmethod
-    def from_json(cls, d: dict) -> SchedulerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if d.get("trained_betas") is not None:
-            d["trained_betas"] = tuple(d["trained_betas"])
-        return cls(**d)
-
     def for_sampler(self, name: str) -> SchedulerConfig:
         """The training schedule as the sampler's diffusers class reads the source config."""
         changes = self.per_sampler.get(name)
-        return dataclasses.replace(self, **changes, per_sampler={}) if changes else self
+        return replace(self, **changes, per_sampler={}) if changes else self
 
 
 @dataclass(frozen=True)
 class LatentSpace:
-    channels: int = 4
-    downscale: int = 8
+    channels: int = field(default=4, metadata=at_least(1))
+    downscale: int = field(default=8, metadata=at_least(1))
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
 
 
 @dataclass(frozen=True)
 class Defaults:
-    sampler: str = "euler"
-    steps: int = 20
-    guidance_scale: float = 7.5
-    height: int = 512
-    width: int = 512
+    """What a render runs when the caller does not say: written at export from the preset."""
+
+    sampler: str
+    schedule: str
+    steps: int = field(metadata=at_least(1))
+    guidance_scale: float
+    height: int = field(metadata=at_least(1))
+    width: int = field(metadata=at_least(1))
 
 
 @dataclass(frozen=True)
@@ -151,16 +166,12 @@ class TextEncoder:
     pipeline takes it); `layer` and `final_layer_norm` record which, the runtime reads only `output`."""
 
     component: str = "text_encoder"
-    tokenizer: str = "tokenizer"  # the bundle folder of its tokenizer, also listed in Manifest.tokenizers
+    tokenizer: str = "tokenizer"  # its key in Manifest.tokenizers (the bundle folder's name)
     output: str = "last_hidden_state"
     layer: int = -1  # hidden_states[layer]; -1 with the final norm is last_hidden_state
     final_layer_norm: bool = True
     clip_skip: int = 0  # the layers skipped beyond what the family takes (diffusers' clip_skip)
     pooled_output: str | None = None  # the pooled embedding the U-Net takes as `text_embeds` (SDXL: encoder 2)
-
-    @classmethod
-    def from_json(cls, d: dict) -> TextEncoder:
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -172,70 +183,88 @@ class AddedConditions:
     # An absent negative prompt gives all-zero negative embeddings (pooled included) instead of encoding "".
     force_zeros_for_empty_prompt: bool = True
 
-    @classmethod
-    def from_json(cls, d: dict) -> AddedConditions:
-        return cls(tuple(d.get("crops_coords_top_left", (0, 0))), bool(d.get("force_zeros_for_empty_prompt", True)))
-
 
 @dataclass(frozen=True)
 class Manifest:
     family: str  # "sd1", "sd2", "sdxl", ...
     preset: str  # "standard", "turbo", "lcm", "lightning"
-    prediction_type: str  # "epsilon", "v_prediction", "sample"
+    prediction_type: PredictionType
     scheduler: SchedulerConfig
     latent: LatentSpace
-    size_multiple: int  # image sides must be multiples of this (VAE downscale x U-Net downsampling)
+    size_multiple: int = field(metadata=at_least(1))  # image sides: multiples of VAE downscale x U-Net downsampling
     defaults: Defaults
-    components: dict[str, Component]
-    tokenizer: dict[str, Any]  # {"path": "tokenizer", "files": [FileEntry...], "max_length": 77}
+    components: dict[str, Component] = field(metadata=NONEMPTY)
+    tokenizers: dict[str, TokenizerRecord] = field(metadata=NONEMPTY)  # by role: "tokenizer", "tokenizer_2"
     guidance_embedding_dim: int | None = None  # LCM: the U-Net takes w as a sinusoidal embedding instead of CFG
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
     # In order; their hidden states are concatenated on the feature axis (SDXL: CLIP-L then OpenCLIP-bigG).
-    text_encoders: tuple[TextEncoder, ...] = (TextEncoder(),)
-    tokenizer_2: dict[str, Any] | None = None  # a second encoder's tokenizer, as `tokenizer`
+    text_encoders: tuple[TextEncoder, ...] = field(default=(TextEncoder(),), metadata=NONEMPTY)
     added_conditions: AddedConditions | None = None  # SDXL only
+    # The format version read from disk when it was older (migrate.py); its tokenizers are converted in memory.
+    migrated_from: int | None = field(default=None, metadata=NOT_WRITTEN)
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **d}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **to_json(self)}
 
     @classmethod
     def from_json(cls, d: dict) -> Manifest:
-        tok, tok2 = _tokenizer_from_json(d["tokenizer"]), d.get("tokenizer_2")
-        encoders, added = d.get("text_encoders"), d.get("added_conditions")
-        return cls(
-            family=d["family"],
-            preset=d["preset"],
-            prediction_type=d["prediction_type"],
-            scheduler=SchedulerConfig.from_json(d["scheduler"]),
-            latent=LatentSpace(**d["latent"]),
-            size_multiple=int(d["size_multiple"]),
-            defaults=Defaults(**d["defaults"]),
-            components={k: Component.from_json(v) for k, v in d["components"].items()},
-            tokenizer=tok,
-            guidance_embedding_dim=d.get("guidance_embedding_dim"),
-            provenance=dict(d.get("provenance", {})),
-            text_encoders=tuple(TextEncoder.from_json(e) for e in encoders) if encoders else (TextEncoder(),),
-            tokenizer_2=_tokenizer_from_json(tok2) if tok2 else None,
-            added_conditions=AddedConditions.from_json(added) if added else None,
-        )
-
-    def tokenizer_entry(self, path: str) -> dict[str, Any]:
-        """The tokenizer record whose folder is `path`."""
-        for tok in (self.tokenizer, self.tokenizer_2):
-            if tok is not None and tok["path"] == path:
-                return tok
-        raise KeyError(f"no tokenizer {path!r} in the manifest")
+        """The manifest in `d` (current format), every field checked; FieldError names the first bad one."""
+        manifest = read_record(cls, {k: v for k, v in d.items() if k not in ("format", "format_version")}, "")
+        check_references(manifest)
+        return manifest
 
     def all_files(self) -> list[FileEntry]:
         files = [f for c in self.components.values() for f in c.files]
-        for tok in (self.tokenizer, self.tokenizer_2):
-            files += list(tok.get("files", ())) if tok else []
-        return files
+        return files + [f for t in self.tokenizers.values() for f in t.files]
 
 
-def _tokenizer_from_json(d: dict) -> dict[str, Any]:
-    return {**d, "files": tuple(FileEntry(**f) for f in d.get("files", ()))}
+def check_references(m: Manifest) -> None:
+    """What types cannot say: names that must point at something, and ranges that must be ordered."""
+    for i, e in enumerate(m.text_encoders):
+        if e.component not in m.components:
+            raise FieldError(f"text_encoders[{i}].component", f"no component {e.component!r}")
+        if e.tokenizer not in m.tokenizers:
+            raise FieldError(f"text_encoders[{i}].tokenizer", f"no tokenizer {e.tokenizer!r}")
+    for name, c in m.components.items():
+        for axis in c.dynamic_axes():
+            r = c.axes.get(axis)
+            if r is None:
+                raise FieldError(f"components.{name}.axes", f"no range for dynamic axis {axis!r}")
+            if not r.min <= r.opt <= r.max:
+                raise FieldError(f"components.{name}.axes.{axis}", f"min {r.min}, opt {r.opt}, max {r.max} not in order")
+
+
+def default_axis_ranges(
+    axes: list[str],
+    *,
+    height: int,
+    width: int,
+    downscale: int,
+    size_multiple: int,
+    sequence: int,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    size_range: tuple[int, int] | None = None,
+) -> dict[str, AxisRange]:
+    """Ranges for the named dynamic axes: images from half to twice the native size (or `size_range`, in pixels),
+    rounded to the size multiple; text at the tokenizer's length (the runtime always pads to it); 1..max_batch."""
+
+    def pixels(native: int) -> AxisRange:
+        low, high = size_range or (native // 2, native * 2)
+        low = max(size_multiple, low // size_multiple * size_multiple)
+        high = max(low, -(-high // size_multiple) * size_multiple)
+        return AxisRange(low, min(max(native, low), high), high)
+
+    sides = {"height": pixels(height), "width": pixels(width)}
+    known = {
+        "batch": AxisRange(1, 1, max_batch),
+        "sequence": AxisRange(sequence, sequence, sequence),
+        **sides,
+        **{f"latent_{k}": AxisRange(*(getattr(r, a) // downscale for a in ("min", "opt", "max"))) for k, r in sides.items()},
+    }
+    unknown = [a for a in axes if a not in known]
+    if unknown:
+        raise ValueError(f"no default range for dynamic axes {unknown}; known: {', '.join(known)}")
+    return {a: known[a] for a in axes}
 
 
 def sha256_file(path: Path) -> str:
@@ -281,15 +310,21 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(f"{path}: not an edgediff manifest; re-export the bundle")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{path}: manifest format version {version!r}, this edgediff reads version {FORMAT_VERSION}; "
-            "re-export the bundle with this edgediff version"
-        )
     try:
-        return Manifest.from_json(raw)
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from None
+        if version == 1:
+            from .migrate import (
+                migrate_v1,  # older bundles load as they are: migrated in memory, never rewritten
+            )
+
+            return migrate_v1(raw, root)
+        if version == FORMAT_VERSION:
+            return Manifest.from_json(raw)
+    except FieldError as e:
+        raise BundleError(f"{path}: {e}; re-export the bundle") from None
+    raise BundleError(
+        f"{path}: manifest format version {version!r}, this edgediff reads versions 1 to {FORMAT_VERSION}; "
+        "re-export the bundle with this edgediff version, or update edgediff"
+    )
 
 
 def check_files(root: str | os.PathLike, manifest: Manifest, *, full: bool = False) -> None:

@@ -240,8 +240,10 @@ def samplers():
 @click.option("--clip-skip", type=click.IntRange(0), default=0, show_default=True,
               help="Condition on the text encoder's hidden state N layers before the one the model takes, as "
               "diffusers' clip_skip=N (baked into the exported text encoder and recorded in the manifest).")
+@click.option("--license", "licence", metavar="TEXT", help="The source model's licence, recorded in the manifest "
+              "[default: the license field of the source's model card (README.md), else unknown].")
 def export(src, out, preset, force, opset, precision, calibration_prompts, calibration_steps, calibration_size,
-           loras, allow_pickle, tiny_vae, clip_skip):
+           loras, allow_pickle, tiny_vae, clip_skip, licence):
     """Export SRC (a diffusers checkpoint folder, a hub id, or a single-file checkpoint) to an ONNX bundle OUT.
 
     Each component is exported, then run on ONNX Runtime against PyTorch on the same inputs; the export fails
@@ -277,7 +279,7 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
 
         manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, precision=precision,
                                  calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae,
-                                 clip_skip=clip_skip, progress=progress)
+                                 clip_skip=clip_skip, progress=progress, license=licence)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
 
 
@@ -355,7 +357,8 @@ def info(bundle, verify, as_json):
         return
     d, s, lat = m.defaults, m.scheduler, m.latent
     click.echo(f"{bundle}: {m.family}, preset {m.preset}, {m.prediction_type} prediction")
-    click.echo(f"  defaults: {d.sampler}, {d.steps} steps, guidance {d.guidance_scale:g}, {d.width}x{d.height}")
+    click.echo(f"  defaults: {d.sampler} ({d.schedule}), {d.steps} steps, guidance {d.guidance_scale:g}, "
+               f"{d.width}x{d.height}")
     click.echo(f"  schedule: {s.beta_schedule} betas {s.beta_start:g}..{s.beta_end:g} over {s.num_train_timesteps}, "
                f"{s.timestep_spacing} spacing (from {s.source_class or 'unknown'})")
     click.echo(f"  latents: {lat.channels} channels, 1/{lat.downscale} scale, factor {lat.scaling_factor:g}; "
@@ -371,8 +374,7 @@ def info(bundle, verify, as_json):
         size = sum(f.size for f in c.files)
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in c.inputs)
         outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in c.outputs)
-        err = c.parity.get("max_abs_err")
-        parity = f", parity {err:.2g}" if err is not None else ""
+        parity = f", parity {c.parity.max_abs_err:.2g}" if c.parity else ""
         click.echo(f"  {name}: {c.precision}, {size / 1e6:.1f} MB{parity}\n    in:  {ins}\n    out: {outs}")
         cached = graph_cache.cached_graphs((Path(bundle) / c.file).parent)
         if cached:
@@ -380,12 +382,21 @@ def info(bundle, verify, as_json):
                        f"{sum(cached.values()) / 1e6:.1f} MB in {Path(c.file).parent / graph_cache.CACHE_FOLDER} "
                        "(re-made on the next load if deleted)")
     p = m.provenance
-    if p.get("description"):
-        click.echo(f"  about: {p['description']}")
-    click.echo(f"  made from {p.get('source')} on {p.get('date')}, opset {p.get('opset')}, "
-               f"edgediff {p.get('versions', {}).get('edgediff')}")
+    if p.description:
+        click.echo(f"  about: {p.description}")
+    click.echo(f"  made from {p.source} on {p.date}, opset {p.opset}, edgediff {p.versions.get('edgediff')}")
+    click.echo(f"  {licence_line(p)}")
     if verify:
         click.echo("  verified: every file's sha256 matches")
+
+
+def licence_line(p) -> str:
+    """The source's licence as `info` shows it: users must check it before commercial use."""
+    from .bundle import UNKNOWN_LICENCE
+
+    if p.licence == UNKNOWN_LICENCE:
+        return "licence: unknown — check the source's terms before commercial use"
+    return f"licence: {p.licence}" + (f" (from {p.licence_from})" if p.licence_from else "")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_tokenizer_is_read_by_the_runtime_as_built(tmp_path):
     from edgediff.runtime.tokenizers import ClipTokenizer
 
     arch.save_tokenizer(tmp_path)
-    tokenizer = ClipTokenizer.from_dir(tmp_path)
+    tokenizer = ClipTokenizer.from_file(tmp_path / "tokenizer.json")
     ids = arch.token_ids()
     assert (tokenizer.max_length, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (
         arch.MAX_LENGTH, ids[arch.PAD], ids[arch.BOS], ids[arch.EOS])

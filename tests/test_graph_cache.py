@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from edgediff import Pipeline
-from edgediff.bundle import read_manifest
+from edgediff.bundle import SessionOptions, read_manifest
 from edgediff.runtime import graph_cache
-from edgediff.runtime.backends.ort import CACHE_OPTION, session_options
+from edgediff.runtime.backends.ort import session_options
 
 ort = pytest.importorskip("onnxruntime")
 CPU = ["CPUExecutionProvider"]
@@ -17,7 +17,7 @@ RENDER = dict(num_inference_steps=2, height=32, width=32, seed=3, output_type="n
 
 def _open(root, name="unet", level="all"):
     c = read_manifest(root).components[name]
-    options = session_options(ort, {"graph_optimization_level": level}, threads=None, lean=False)
+    options = session_options(ort, SessionOptions(level), threads=None, lean=False)
     return graph_cache.open_session(ort, root / c.file, c.files, options, CPU, cache=True)
 
 
@@ -90,10 +90,10 @@ def test_export_warms_the_cache_of_large_convolutional_graphs(checkpoint, tmp_pa
     out = tmp_path / "bundle"
     export_bundle(checkpoint("sd1"), out)
     components = read_manifest(out).components
-    assert components["unet"].ort_options == {"graph_optimization_level": "all", "disable_prepacking": False,
-                                              CACHE_OPTION: True}
-    assert components["text_encoder"].ort_options["graph_optimization_level"] == "extended"
-    assert CACHE_OPTION not in components["text_encoder"].ort_options
+    assert components["unet"].ort_options == SessionOptions("all", disable_prepacking=False,
+                                                            cache_optimized_graph=True)
+    assert components["text_encoder"].ort_options.graph_optimization_level == "extended"
+    assert not components["text_encoder"].ort_options.cache_optimized_graph
     assert len(_cached(out, "unet")) == 1 and len(_cached(out, "vae_decoder")) == 1
     from click.testing import CliRunner
 

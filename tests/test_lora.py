@@ -80,8 +80,8 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders_renders_like_diffusers(che
                        ["text_encoder", "text_encoder_2"])
     out = tmp_path / "bundle"
     manifest = export_bundle(checkpoint("sdxl"), out, loras=[f"{lora}:{SCALE}"])
-    (record,) = manifest.provenance["loras"]
-    assert all(record["layers"][c] > 0 for c in ("unet", "text_encoder", "text_encoder_2"))
+    (record,) = manifest.provenance.loras
+    assert all(record.layers[c] > 0 for c in ("unet", "text_encoder", "text_encoder_2"))
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(checkpoint("sdxl"))
     _assert_renders_like_diffusers(out, ref, lora, guidance=5.0)
 
@@ -90,8 +90,9 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders_renders_like_diffusers(che
 def test_fused_lora_renders_like_diffusers_with_the_lora_loaded(checkpoint, lora_files, tmp_path, fmt):
     out = tmp_path / "bundle"
     manifest = export_bundle(checkpoint("sd1"), out, loras=[f"{lora_files[fmt]}:{SCALE}"])
-    (lora,) = manifest.provenance["loras"]
-    assert lora["format"] == fmt.removesuffix("-old") and lora["scale"] == SCALE and lora["layers"]["unet"] > 0 and lora["layers"]["text_encoder"] > 0
+    (lora,) = manifest.provenance.loras
+    assert lora.format == fmt.removesuffix("-old") and lora.scale == SCALE
+    assert lora.layers["unet"] > 0 and lora.layers["text_encoder"] > 0
 
     ref = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None)
     _assert_renders_like_diffusers(out, ref, lora_files["diffusers"], guidance=7.5)

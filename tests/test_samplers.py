@@ -296,10 +296,9 @@ def test_bad_names_and_pairs_get_one_line_naming_the_choices(sampler, schedule, 
 
 
 def test_presets_pick_the_distilled_recipes():
-    assert resolve("euler_a", None, "turbo")[1] == "trailing"
-    assert resolve("euler", None, "lightning")[1] == "trailing"
-    assert resolve("lcm", None, "lcm")[1] == "lcm"
-    assert resolve("dpmpp_2m", None, "lcm")[1] == "discrete"  # the preset's schedule does not fit: the default
+    for preset in PRESETS.values():
+        assert resolve(preset.sampler, None, preset.schedule)[1] == preset.schedule
+    assert resolve("dpmpp_2m", None, "lcm")[1] == "discrete"  # the default schedule does not fit: the sampler's
     assert {p.sampler for p in PRESETS.values()} <= set(SAMPLERS)
 
 

@@ -43,7 +43,7 @@ def _latents(n=len(PROMPTS)):
 
 def test_manifest_records_both_encoders_and_the_added_conditions(bundle):
     m = json.loads((bundle("sdxl") / "manifest.json").read_text())
-    assert m["family"] == "sdxl" and m["tokenizer_2"]["path"] == "tokenizer_2"
+    assert m["family"] == "sdxl" and m["tokenizers"]["tokenizer_2"]["path"] == "tokenizer_2"
     first, second = m["text_encoders"]
     assert (first["component"], first["layer"], first["final_layer_norm"]) == ("text_encoder", -2, False)
     assert (second["component"], second["pooled_output"]) == ("text_encoder_2", "text_embeds")
@@ -118,7 +118,7 @@ def test_sdxl_unet_exports_with_external_data(checkpoint, tmp_path, monkeypatch)
     assert written == [path, path.with_name("model.onnx.data")]
     assert path.stat().st_size < path.with_name("model.onnx.data").stat().st_size
     references = export_onnx.reference_outputs(unet, spec, gates)
-    assert export_onnx.check_against_torch(spec, path, references, ort_options=options)["max_abs_err"] < 1e-4
+    assert export_onnx.check_against_torch(spec, path, references, ort_options=options).max_abs_err < 1e-4
 
 
 def test_fp16_sdxl_keeps_its_vae_in_fp32_unless_it_is_fp16_safe(checkpoint, bundle, tmp_path):
@@ -135,7 +135,7 @@ def test_fp16_sdxl_keeps_its_vae_in_fp32_unless_it_is_fp16_safe(checkpoint, bund
     m = read_manifest(out)
     assert {n: c.precision for n, c in m.components.items()} == {
         "text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
-    assert set(m.provenance["kept_fp32"]) == {"vae_decoder", "vae_encoder"}
+    assert set(m.provenance.kept_fp32) == {"vae_decoder", "vae_encoder"}
     render = dict(num_inference_steps=2, height=H, width=W, seed=1, output_type="np")
     fp16 = Pipeline.load(out)(PROMPTS[0], **render).images
     fp32 = Pipeline.load(bundle("sdxl"))(PROMPTS[0], **render).images
@@ -156,7 +156,7 @@ def test_int8_sdxl_bundle_renders_with_quantized_unet(checkpoint, tmp_path):
     export_bundle(checkpoint("sdxl"), out, precision="int8",
                   calibration=Calibration(prompts=("a red cat", "a blue house", "a green tree"), steps=2, size=32))
     m = read_manifest(out)
-    assert m.components["unet"].precision == "int8" and m.components["unet"].conversion["quantized_layers"] > 0
+    assert m.components["unet"].precision == "int8" and m.components["unet"].conversion.quantized_layers > 0
     image = Pipeline.load(out)(PROMPTS[0], num_inference_steps=2, height=H, width=W, seed=1, output_type="np").images
     assert image.shape == (1, H, W, 3) and np.isfinite(image).all() and image.std() > 0.01
 

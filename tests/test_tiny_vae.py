@@ -30,7 +30,7 @@ def test_tiny_vae_bundle_renders_like_diffusers(checkpoint, tmp_path):
     taesd = _tiny_vae(tmp_path / "taesd")
     out = tmp_path / "bundle"
     manifest = export_bundle(checkpoint("sd1"), out, tiny_vae=taesd)
-    assert manifest.provenance["vae_decoder"].startswith("AutoencoderTiny")
+    assert manifest.provenance.vae_decoder.startswith("AutoencoderTiny")
     ref = diffusers.StableDiffusionPipeline.from_pretrained(
         checkpoint("sd1"), vae=diffusers.AutoencoderTiny.from_pretrained(taesd), safety_checker=None
     )

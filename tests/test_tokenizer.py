@@ -1,4 +1,6 @@
-"""ClipTokenizer: ids equal to transformers' CLIPTokenizer, configs read with its precedence, dropped text."""
+"""Tokenizers: ids equal to transformers' CLIPTokenizer on awkward prompts, by both routes into the runtime: the
+canonical tokenizer.json the export writes (loaded as it is), and a v1 bundle's folder converted in memory
+(configs read with transformers' precedence); dropped text and unknown words."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgediff.migrate import _folder_max_length
+from edgediff.runtime.legacy_tokenizer import from_legacy_files
 from edgediff.runtime.tokenizers import ClipTokenizer, TokenizedBatch
 
 CLIP_DIR = Path(__file__).resolve().parents[2] / "shared/data/clip-tokenizer"
@@ -65,9 +69,30 @@ def _copy_clip(folder: Path, **config) -> Path:
     return folder
 
 
+def canonical(folder: Path, out: Path) -> ClipTokenizer:
+    """The export's route: transformers reads the source folder, the runtime loads the tokenizer.json written."""
+    pytest.importorskip("transformers")
+    from edgediff.export.tokenizer import save_canonical_tokenizer
+
+    length = save_canonical_tokenizer(folder, out, "CLIPTokenizer")
+    return ClipTokenizer.from_file(out / "tokenizer.json", max_length=length)
+
+
+def legacy(folder: Path) -> ClipTokenizer:
+    """A v1 bundle's route: the folder as 0.1 copied it, converted in memory at load."""
+    return ClipTokenizer(from_legacy_files(folder, _folder_max_length(folder)))
+
+
+def load(route: str, folder: Path, tmp_path: Path) -> ClipTokenizer:
+    return canonical(folder, tmp_path / "canonical") if route == "canonical" else legacy(folder)
+
+
+ROUTES = pytest.mark.parametrize("route", ["canonical", "legacy"])
+
+
 @pytest.fixture(scope="module")
-def clip() -> ClipTokenizer:
-    return ClipTokenizer.from_dir(CLIP_DIR)
+def clip(tmp_path_factory) -> ClipTokenizer:
+    return canonical(CLIP_DIR, tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
@@ -93,27 +118,30 @@ def test_known_ids(clip):
 
 
 @needs_clip
-def test_parity_with_transformers(clip, hf_clip):
+@ROUTES
+def test_parity_with_transformers(hf_clip, route, tmp_path):
     hf = hf_clip.from_pretrained(CLIP_DIR)
-    ours = clip.encode(PROMPTS).input_ids
+    ours = load(route, CLIP_DIR, tmp_path).encode(PROMPTS).input_ids
     theirs = _hf_ids(hf, PROMPTS)
     for prompt, a, b in zip(PROMPTS, ours, theirs):
         assert a.tolist() == b.tolist(), prompt
 
 
 @needs_clip
-def test_parity_pad_exclamation(tmp_path, hf_clip):
+@ROUTES
+def test_parity_pad_exclamation(tmp_path, hf_clip, route):
     folder = _copy_clip(tmp_path / "tok", model_max_length=77, pad_token="!")
-    ours = ClipTokenizer.from_dir(folder)
+    ours = load(route, folder, tmp_path)
     assert ours.pad_id == 0 and ours.eos_id == EOS
     assert ours.encode(["a cat"]).input_ids[0].tolist() == [BOS, 320, 2368, EOS] + [0] * 73
     np.testing.assert_array_equal(ours.encode(PROMPTS).input_ids, _hf_ids(hf_clip.from_pretrained(folder), PROMPTS))
 
 
 @needs_clip
-def test_exclamation_is_split_off_when_it_pads(tmp_path, clip):
+@ROUTES
+def test_exclamation_is_split_off_when_it_pads(tmp_path, clip, route):
     # transformers registers the pad token as an added token, so "!!" stops being one BPE token: kept for parity.
-    bang = ClipTokenizer.from_dir(_copy_clip(tmp_path / "tok", pad_token="!"))
+    bang = load(route, _copy_clip(tmp_path / "tok", pad_token="!"), tmp_path)
     assert clip.encode(["wow!!"]).input_ids[0, :4].tolist() == [BOS, 2781, 748, EOS]
     assert bang.encode(["wow!!"]).input_ids[0, :5].tolist() == [BOS, 2781, 0, 0, EOS]
 
@@ -122,8 +150,9 @@ SD15_TOKEN = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstr
 
 
 @needs_clip
+@ROUTES
 @pytest.mark.parametrize("layout", ["sd15", "sd2", "added_tokens_decoder"])
-def test_checkpoint_config_layouts(tmp_path, hf_clip, layout):
+def test_checkpoint_config_layouts(tmp_path, hf_clip, layout, route):
     folder = tmp_path / layout
     special = {key: {**SD15_TOKEN, "content": "<|endoftext|>"} for key in ("eos_token", "unk_token")}
     config = {"model_max_length": 77, "bos_token": {**SD15_TOKEN, "content": "<|startoftext|>"}, **special}
@@ -138,22 +167,23 @@ def test_checkpoint_config_layouts(tmp_path, hf_clip, layout):
     if layout != "sd15":  # SD 2.x: the map says "!" and wins over the config (unless added_tokens_decoder)
         token_map = {"pad_token": "!" if layout == "sd2" else "<|endoftext|>", "bos_token": "<|startoftext|>"}
         (folder / "special_tokens_map.json").write_text(json.dumps(token_map))
-    ours = ClipTokenizer.from_dir(folder)
+    ours = load(route, folder, tmp_path)
     hf = hf_clip.from_pretrained(folder)
     assert ours.pad_id == hf.pad_token_id == (EOS if layout == "sd15" else 0)
     np.testing.assert_array_equal(ours.encode(PROMPTS).input_ids, _hf_ids(hf, PROMPTS))
 
 
 @needs_clip
+@ROUTES
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
-def test_tokenizer_json_saved_by_transformers(tmp_path, clip, hf_clip, pad_token):
+def test_tokenizer_json_saved_by_transformers(tmp_path, clip, hf_clip, pad_token, route):
     hf = hf_clip.from_pretrained(CLIP_DIR, pad_token=pad_token)
     saved = tmp_path / "saved"
     hf.save_pretrained(saved)
     for name in ("vocab.json", "merges.txt"):  # make sure tokenizer.json is what gets read
         (saved / name).unlink(missing_ok=True)
     assert (saved / "tokenizer.json").is_file()
-    ours = ClipTokenizer.from_dir(saved)
+    ours = load(route, saved, tmp_path)
     assert ours.max_length == 77  # the saved config says 1e30 ("no limit"): the CLIP default applies
     np.testing.assert_array_equal(ours.encode(PROMPTS).input_ids, _hf_ids(hf, PROMPTS))
     if pad_token == "<|endoftext|>":
@@ -192,17 +222,22 @@ def test_unknown_words_empty_for_byte_level_bpe(clip):
     assert clip.unknown_words("a zxqv 🐱 東京 <|endoftext|>") == []
 
 
-def test_word_level_tokenizer_json(tmp_path):
+@pytest.mark.parametrize("route", ["tokenizer.json", "legacy"])
+def test_word_level_tokenizer_json(tmp_path, route):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "a": 2, "red": 3, "cat": 4}
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    if route == "legacy":  # v1: a bare tokenizer.json, its length and pad token in the config
+        (tmp_path / "tokenizer_config.json").write_text(
+            json.dumps({"model_max_length": 8, "pad_token": "[PAD]", "unk_token": "[UNK]"})
+        )
+    else:
+        word_level.enable_truncation(8)
+        word_level.enable_padding(length=8, pad_id=0, pad_token="[PAD]")
     word_level.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 8, "pad_token": "[PAD]", "unk_token": "[UNK]"})
-    )
-    tok = ClipTokenizer.from_dir(tmp_path)
+    tok = legacy(tmp_path) if route == "legacy" else ClipTokenizer.from_file(tmp_path / "tokenizer.json")
     assert (tok.max_length, tok.pad_id, tok.bos_id, tok.eos_id) == (8, 0, None, None)
     assert tok.unknown_words("a red zebra, a RED cat zebra") == ["zebra", ",", "RED"]
     batch = tok.encode(["a red cat", "a a a a a a a a red cat"])
@@ -211,16 +246,18 @@ def test_word_level_tokenizer_json(tmp_path):
 
 
 def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+        ClipTokenizer.from_file(tmp_path / "tokenizer.json")
     with pytest.raises(FileNotFoundError) as err:
-        ClipTokenizer.from_dir(tmp_path)
+        from_legacy_files(tmp_path, 77)
     message = str(err.value)
     assert "\n" not in message and str(tmp_path) in message
     assert "tokenizer.json" in message and "vocab.json + merges.txt" in message
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(FileNotFoundError):
-        ClipTokenizer.from_dir(tmp_path)  # merges.txt missing
+        from_legacy_files(tmp_path, 77)  # merges.txt missing
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ClipTokenizer.from_dir(tmp_path / "nowhere")
+        from_legacy_files(tmp_path / "nowhere", 77)
 
 
 @needs_clip
@@ -231,15 +268,16 @@ def test_bad_input_is_one_clear_error(tmp_path, clip):
     folder = _copy_clip(tmp_path / "tok")
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json"):
-        ClipTokenizer.from_dir(folder)
+        legacy(folder)
 
 
 @needs_clip
-def test_speed():
+def test_speed(clip, tmp_path):
+    clip._tok.save(str(tmp_path / "tokenizer.json"))
     loads = []
     for _ in range(3):
         start = time.perf_counter()
-        tok = ClipTokenizer.from_dir(CLIP_DIR)
+        tok = ClipTokenizer.from_file(tmp_path / "tokenizer.json")
         loads.append(time.perf_counter() - start)
     prompts = ["a photo of an astronaut riding a horse on mars, highly detailed", "blurry, low quality"]
     tok.encode(prompts)
@@ -253,7 +291,7 @@ def test_speed():
 
 
 def test_runtime_module_imports_no_torch_or_transformers():
-    code = "import sys, edgediff.runtime.tokenizers; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, edgediff.runtime.tokenizers, edgediff.runtime.legacy_tokenizer; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

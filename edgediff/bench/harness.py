@@ -153,7 +153,7 @@ def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tu
               sys.executable) for b in bundles]
     manifest = read_manifest(bundles[0])
     spacing = manifest.scheduler.timestep_spacing
-    source = Path(manifest.provenance.get("source", ""))
+    source = Path(manifest.provenance.source)
     for peer in s.compare:
         if peer not in PEERS:
             notes.append(f"{peer}: unknown peer; choose from {', '.join(PEERS)}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import CalibrationRecord
 from ..runtime.sessions import Session, SessionBase, SessionSettings
 
 PROMPTS = (
@@ -89,12 +90,12 @@ def record_trajectories(
     }
 
 
-def describe(settings: Calibration, records: dict[str, tuple[list, list]]) -> dict:
+def describe(settings: Calibration, records: dict[str, tuple[list, list]]) -> CalibrationRecord:
     """What the manifest's provenance records about the calibration."""
-    return {
-        "prompts": list(settings.prompts),
-        "held_out": settings.held_out,
-        "steps": settings.steps,
-        "size": settings.size,
-        "samples": {name: {"calibration": len(c), "gate": len(g)} for name, (c, g) in records.items()},
-    }
+    return CalibrationRecord(
+        prompts=tuple(settings.prompts),
+        held_out=settings.held_out,
+        steps=settings.steps,
+        size=settings.size,
+        samples={name: {"calibration": len(c), "gate": len(g)} for name, (c, g) in records.items()},
+    )

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bundle import AddedConditions, Defaults, LatentSpace, SchedulerConfig, TextEncoder
-from ..runtime.sampler_catalogue import SAMPLERS
+from ..runtime.sampler_catalogue import PRESETS, SAMPLERS
 
-PRESETS = ("standard", "turbo", "lcm", "lightning")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.json",
@@ -21,7 +20,9 @@ TOKENIZER_FILES = (
 
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-HUB_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "*.safetensors"]
+HUB_FILES = ["model_index.json", "README.md", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*",
+             "*.safetensors"]
+MODEL_CARD = "README.md"
 
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -183,16 +184,36 @@ class Checkpoint:
         return self.latent.downscale * 2**downsamples
 
     def defaults(self, preset: str) -> Defaults:
+        """The preset's sampler and schedule (runtime/sampler_catalogue.py PRESETS), steps and guidance, at native
+        size."""
+
         side = int(self.unet_config.get("sample_size", 64)) * self.latent.downscale
-        if preset == "turbo":
-            return Defaults("euler_a", 1, 0.0, side, side)
-        if preset == "lightning":
-            return Defaults("euler", 4, 0.0, side, side)
+        steps, guidance = {"turbo": (1, 0.0), "lightning": (4, 0.0), "standard": (20, 7.5)}.get(preset, (4, 0.0))
         if preset == "lcm":
             # With a guidance embedding the U-Net is told w directly (8 is LCM-Dreamshaper's default);
             # an LCM-LoRA U-Net without one runs plain, unguided.
-            return Defaults("lcm", 4, 8.0 if self.guidance_embedding_dim else 1.0, side, side)
-        return Defaults("euler", 20, 7.5, side, side)
+            guidance = 8.0 if self.guidance_embedding_dim else 1.0
+        recipe = PRESETS[preset]
+        return Defaults(sampler=recipe.sampler, schedule=recipe.schedule, steps=steps, guidance_scale=guidance,
+                        height=side, width=side)
+
+    def licence(self) -> str | None:
+        """The `license:` field of the model card's front matter (README.md, as the hub shows it), if any."""
+        path = self.root / MODEL_CARD
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not lines or lines[0].strip() != "---":
+            return None
+        for line in lines[1:]:
+            if line.strip() == "---":
+                break
+            key, sep, value = line.partition(":")
+            value = value.strip().strip("'\"")
+            if sep and key.strip() == "license" and value:
+                return value
+        return None
 
     def text_encoders(self, clip_skip: int = 0) -> tuple[TextEncoder, ...]:
         """Which hidden state each text encoder's graph outputs, as diffusers' pipeline for this family takes it

@@ -7,20 +7,31 @@ import datetime
 import functools
 import gc
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__
 from ..atomic import atomic_folder
-from ..bundle import Component, FileEntry, Manifest, TextEncoder, write_manifest
+from ..bundle import (
+    DEFAULT_MAX_BATCH,
+    PREDICTION_TYPES,
+    Component,
+    FileEntry,
+    Manifest,
+    Provenance,
+    TextEncoder,
+    TokenizerRecord,
+    default_axis_ranges,
+    write_manifest,
+)
 from . import PRECISIONS, specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
 from .lora import check_components, fuse, parse_lora_arg, read_lora
 from .onnx import DEFAULT_OPSET, check_against_torch, export_component, reference_outputs
 from .precision import convert_component
+from .tokenizer import TOKENIZER_FILE, save_canonical_tokenizer
 
 # Which torch module each bundle component comes from, and the spec that exports it; the text encoders come
 # first, one per manifest TextEncoder record (plan_components).
@@ -110,6 +121,9 @@ class ExportOptions:
     clip_skip: int
     description: str | None
     progress: Callable[[str, int, int], None] | None
+    licence: str | None = None  # the source's licence as the user states it; else the model card's
+    max_batch: int = DEFAULT_MAX_BATCH  # the largest batch each graph's axis range allows
+    size_range: tuple[int, int] | None = None  # image sides in pixels; default: half to twice the native size
 
 
 def export_bundle(
@@ -127,6 +141,9 @@ def export_bundle(
     tiny_vae: str | os.PathLike | None = None,  # an AutoencoderTiny folder (TAESD / TAESDXL) to decode with
     clip_skip: int = 0,  # text encoder layers skipped, as diffusers' clip_skip: baked into the graph
     progress: Callable[[str, int, int], None] | None = None,  # (what was proven, steps done, steps in all)
+    license: str | None = None,  # the source model's licence, where its model card does not say (or says wrong)
+    max_batch: int = DEFAULT_MAX_BATCH,  # images per call the graphs' axis ranges allow
+    size_range: tuple[int, int] | None = None,  # (smallest, largest) image side in pixels for the axis ranges
 ) -> Manifest:
     """Export every component of `src`, prove each against PyTorch, and write the bundle to `out`.
 
@@ -142,7 +159,7 @@ def export_bundle(
         raise SourceError(f"{out} already exists; pass --force to replace it")
     lora_files = [read_lora(*parse_lora_arg(str(a)), allow_pickle=allow_pickle) for a in loras]
     options = ExportOptions(src, out, preset, opset, precision, calibration, tuple(lora_files), allow_pickle,
-                            tiny_vae, clip_skip, description, progress)
+                            tiny_vae, clip_skip, description, progress, license, max_batch, size_range)
     if Path(src).is_file():
         with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".source-") as folder:
             single_file_to_folder(Path(src), Path(folder), allow_pickle)
@@ -183,7 +200,11 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
     preset = ck.preset(o.preset)
     family = ck.family
     scheduler, prediction_type = ck.scheduler(preset)
-    tokenizers = {e.tokenizer: ck.tokenizer_files(e.tokenizer) for e in encoders}
+    if prediction_type not in PREDICTION_TYPES:
+        raise SourceError(f"{ck.root}: prediction_type {prediction_type!r} in the scheduler config; edgediff runs "
+                          f"{', '.join(PREDICTION_TYPES)}")
+    for e in encoders:
+        ck.tokenizer_files(e.tokenizer)  # present, or a SourceError before any export work
     trace_dims, gate_dims = _gate_shapes(ck)
 
     with atomic_folder(o.out, replace=True) as tmp:  # `force` was checked before anything was loaded
@@ -214,37 +235,28 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
                 ort_options=ort_options,
             )
             proven(name)
-        records = {}
-        for folder, files in tokenizers.items():
-            (tmp / folder).mkdir()
-            for f in files:
-                shutil.copyfile(f, tmp / folder / f.name)
-            records[folder] = {"path": folder, "kind": "clip",
-                               "files": tuple(FileEntry.of(tmp, f"{folder}/{f.name}") for f in files)}
+        tokenizers = {e.tokenizer: _write_tokenizer(ck, e.tokenizer, tmp) for e in encoders}
+        defaults = ck.defaults(preset)
+        sequence = max(t.max_length for t in tokenizers.values())
+        for name, c in components.items():
+            axes = default_axis_ranges(c.dynamic_axes(), height=defaults.height, width=defaults.width,
+                                       downscale=ck.latent.downscale, size_multiple=ck.size_multiple,
+                                       sequence=sequence, max_batch=o.max_batch, size_range=o.size_range)
+            components[name] = dataclasses.replace(c, axes=axes)
         manifest = Manifest(
             family=family,
             preset=preset,
-            prediction_type=prediction_type,
+            prediction_type=prediction_type,  # type: ignore[arg-type]  # checked above
             scheduler=scheduler,
             latent=ck.latent,
             size_multiple=ck.size_multiple,
-            defaults=ck.defaults(preset),
+            defaults=defaults,
             components=components,
-            tokenizer=records["tokenizer"],
-            tokenizer_2=records.get("tokenizer_2"),
+            tokenizers=tokenizers,
             text_encoders=encoders,
             added_conditions=ck.added_conditions,
             guidance_embedding_dim=ck.guidance_embedding_dim,
-            provenance={
-                "source": str(o.src),
-                **({"description": o.description} if o.description else {}),
-                "source_pipeline": ck.index.get("_class_name"),
-                "opset": o.opset,
-                "loras": [lora.provenance() for lora in o.loras],
-                "vae_decoder": f"AutoencoderTiny from {o.tiny_vae}" if o.tiny_vae else "the checkpoint's VAE",
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-            },
+            provenance=_provenance(ck, o),
         )
         write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
         if o.precision != "fp32":
@@ -254,17 +266,42 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
     return manifest
 
 
+def _write_tokenizer(ck: Checkpoint, folder: str, tmp: Path) -> TokenizerRecord:
+    """The source's tokenizer as the bundle's canonical tokenizer.json (export/tokenizer.py)."""
+    entry = ck.index.get(folder)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) > 1 else None
+    max_length = save_canonical_tokenizer(ck.root / folder, tmp / folder, class_name)
+    return TokenizerRecord(folder, (FileEntry.of(tmp, f"{folder}/{TOKENIZER_FILE}"),), max_length)
+
+
+def _provenance(ck: Checkpoint, o: ExportOptions) -> Provenance:
+    card_licence = ck.licence()
+    licence, licence_from = (o.licence, "--license") if o.licence else (card_licence, "the model card")
+    return Provenance(
+        source=str(o.src),
+        description=o.description or None,
+        source_pipeline=ck.index.get("_class_name"),
+        licence=licence or "unknown",
+        licence_from=licence_from if licence else None,
+        opset=o.opset,
+        loras=tuple(lora.provenance() for lora in o.loras),
+        vae_decoder=f"AutoencoderTiny from {o.tiny_vae}" if o.tiny_vae else "the checkpoint's VAE",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions(),
+    )
+
+
 def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, proven, keep) -> Manifest:
     """Convert the fp32 bundle in `tmp` to `precision`, component by component, each gated against fp32."""
     import torch
 
     targets = conversion_targets(precision, manifest.components, keep)
     records = {}
-    provenance = dict(manifest.provenance, precision=precision, **({"kept_fp32": keep} if keep else {}))
+    provenance = dataclasses.replace(manifest.provenance, precision=precision, kept_fp32=dict(keep))
     if precision == "int8":
         calibration = calibration or Calibration()
         records = record_trajectories(tmp, tuple(targets), calibration)
-        provenance["calibration"] = describe(calibration, records)
+        provenance = dataclasses.replace(provenance, calibration=describe(calibration, records))
     components = dict(manifest.components)
     for name, target in targets.items():
         c = components[name]
@@ -288,7 +325,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
             c,
             precision=target,
             files=tuple(FileEntry.of(tmp, str(p.relative_to(tmp))) for p in written),
-            parity={**parity, "fp32_against_pytorch": c.parity},
+            parity=dataclasses.replace(parity, fp32_against_pytorch=c.parity),
             ort_options=options,
             conversion=details,
         )

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import FileEntry
+from ..bundle import FileEntry, Parity, SessionOptions
 from ..runtime import graph_cache
-from ..runtime.backends.ort import CACHE_OPTION, session_options
+from ..runtime.backends.ort import session_options
 
 
 class ParityError(RuntimeError):
@@ -65,7 +65,7 @@ def psnr_db(reference: np.ndarray, got: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
 
 
-def run_graph(path: Path, feeds_list: list[dict[str, np.ndarray]], ort_options: dict,
+def run_graph(path: Path, feeds_list: list[dict[str, np.ndarray]], ort_options: SessionOptions,
               files: tuple[FileEntry, ...] = (), output_names: list[str] | None = None) -> list[list[np.ndarray]]:
     """The graph's outputs on each feed, on the CPU, opened as the runtime opens it: `files` (its manifest
     entries) let a graph whose options ask for it load through the graph cache, which leaves the graph optimised
@@ -74,7 +74,7 @@ def run_graph(path: Path, feeds_list: list[dict[str, np.ndarray]], ort_options: 
 
     options = session_options(ort, ort_options, threads=None, lean=False)
     session = graph_cache.open_session(ort, path, files, options, ["CPUExecutionProvider"],
-                                       cache=bool(files and ort_options.get(CACHE_OPTION)))
+                                       cache=bool(files) and ort_options.cache_optimized_graph)
     try:
         return [session.run(output_names, feeds) for feeds in feeds_list]
     finally:
@@ -92,8 +92,8 @@ class Check:
 
 
 def check_graph(check: Check, path: Path, feeds_list: list[dict[str, np.ndarray]],
-                references: list[list[np.ndarray]], output_names: list[str], ort_options: dict, *,
-                files: tuple[FileEntry, ...] = (), labels: list[str] | None = None) -> dict:
+                references: list[list[np.ndarray]], output_names: list[str], ort_options: SessionOptions, *,
+                files: tuple[FileEntry, ...] = (), labels: list[str] | None = None) -> Parity:
     """Run the graph at `path` on `feeds_list` and hold each output to `references` (one list of outputs per
     feed, in `output_names` order); raise ParityError at the first one past the tolerance.
 
@@ -109,10 +109,7 @@ def check_graph(check: Check, path: Path, feeds_list: list[dict[str, np.ndarray]
             margin = result.get("psnr_db", 1 - result["max_abs_err"] / max(result["limit"], 1e-30))
             if margin <= worst_margin:
                 worst, worst_margin = result, margin
-    record = {**worst, "relative_tolerance": check.tolerance.relative}
-    if check.tolerance.min_psnr_db is not None:
-        record["min_psnr_db"] = check.tolerance.min_psnr_db
-    return record
+    return Parity(**worst, relative_tolerance=check.tolerance.relative, min_psnr_db=check.tolerance.min_psnr_db)
 
 
 def _compare(check: Check, output: str, reference: np.ndarray, got: np.ndarray, label: str) -> dict:

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import sha256_file
+from ..bundle import LoraRecord, sha256_file
 from .checkpoint import SourceError, refuse_pickle
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -37,9 +37,9 @@ class Lora:
     layers: dict[str, dict[str, dict]] = field(default_factory=dict)
     fused: dict[str, int] = field(default_factory=dict)
 
-    def provenance(self) -> dict:
-        return {"file": self.path.name, "sha256": sha256_file(self.path), "scale": self.scale, "format": self.format,
-                "layers": dict(self.fused)}
+    def provenance(self) -> LoraRecord:
+        return LoraRecord(file=self.path.name, sha256=sha256_file(self.path), scale=self.scale, format=self.format,
+                          layers=dict(self.fused))
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:

@@ -11,13 +11,13 @@ import gc
 import logging
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 import torch
 
-from ..bundle import FileEntry
-from ..runtime.backends.ort import CACHE_OPTION
+from ..bundle import FileEntry, Parity, SessionOptions
 from . import gate
 from .gate import Check, Tolerance
 from .specs import ComponentSpec
@@ -53,7 +53,7 @@ def _quiet_exporter():
 
 def export_component(
     module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, int], path: Path, *, opset: int = DEFAULT_OPSET
-) -> tuple[list[Path], dict]:
+) -> tuple[list[Path], SessionOptions]:
     """Export `module` to `path` (model.onnx); weights go to one `model.onnx.data` beside it past 2 GiB.
 
     Returns the files written and the ONNX Runtime options the graph should run with."""
@@ -167,18 +167,15 @@ def _copy_tensor_data(tensor: onnx.TensorProto, source: Path | None, out) -> Non
                 left -= len(chunk)
 
 
-def default_ort_options(weights: int, convolutional: bool = False) -> dict:
+def default_ort_options(weights: int, convolutional: bool = False) -> SessionOptions:
     """How ONNX Runtime should load a graph of `weights` bytes (docs/loading.md).
 
     Pre-packing stays on: it costs ~1-3 s at load but makes the text encoder 1.4x faster; memory="low" sessions
     turn it off, since it keeps a second copy of the matrix weights. `convolutional`: float32 convolutions, which
     the "all" level re-lays out for this CPU (fp16 graphs pass False: the re-layout is float32-only)."""
     large = weights > LARGE_GRAPH_BYTES
-    options = {"graph_optimization_level": "extended" if large and not convolutional else "all",
-               "disable_prepacking": False}
-    if large and convolutional:
-        options[CACHE_OPTION] = True
-    return options
+    return SessionOptions(graph_optimization_level="extended" if large and not convolutional else "all",
+                          disable_prepacking=False, cache_optimized_graph=large and convolutional)
 
 
 def reference_outputs(module: torch.nn.Module, spec: ComponentSpec, dims_list: list[dict[str, int]]) -> list:
@@ -197,7 +194,7 @@ def reference_outputs(module: torch.nn.Module, spec: ComponentSpec, dims_list: l
 
 
 def check_against_torch(spec: ComponentSpec, path: Path, references: list, tolerance: Tolerance | None = None,
-                        ort_options: dict | None = None, files: tuple[FileEntry, ...] = ()) -> dict:
+                        ort_options: SessionOptions | None = None, files: tuple[FileEntry, ...] = ()) -> Parity:
     """The parity gate (gate.py) on PyTorch's outputs from reference_outputs: ParityError past the tolerance.
 
     `files` (the graph's manifest entries) let the gate load it through the graph cache, as the runtime will,
@@ -205,7 +202,7 @@ def check_against_torch(spec: ComponentSpec, path: Path, references: list, toler
     error, the limit it was held to, and the shapes tried."""
     check = Check(spec.name, "ONNX Runtime", "PyTorch", tolerance or gate.FP32_TOLERANCE)
     record = gate.check_graph(check, path, [feeds for _, feeds, _ in references], [out for _, _, out in references],
-                              [t.name for t in spec.outputs], ort_options or {}, files=files,
+                              [t.name for t in spec.outputs], ort_options or SessionOptions(), files=files,
                               labels=[str(dims) for dims, _, _ in references])
-    return {**record, "shapes": [dims for dims, _, _ in references]}
+    return replace(record, shapes=tuple(dims for dims, _, _ in references))
 

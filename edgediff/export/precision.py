@@ -13,12 +13,13 @@ text encoder). ONNX Runtime's converter inserts the casts around each island.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from ..bundle import FileEntry, TensorSpec
+from ..bundle import Conversion, FileEntry, Parity, SessionOptions, TensorSpec
 from ..runtime import graph_cache
 from . import PRECISIONS, gate
 from .onnx import default_ort_options, save_graph
@@ -35,11 +36,14 @@ def fp16_islands(component: str, model: onnx.ModelProto, *, upcast_attention: bo
     return [op for op in islands if op in present]
 
 
-def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) -> tuple[list[Path], dict, dict]:
+def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) -> tuple[list[Path], SessionOptions, Conversion]:
     """Rewrite the fp32 graph at `path` as fp16 in place (fp32 inputs and outputs, fp32 islands).
 
     Returns the files written, the ONNX Runtime options, and what the manifest records about the conversion."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
     islands = fp16_islands(component, onnx.load(str(path), load_external_data=False), upcast_attention=upcast_attention)
     # Given the path, the converter infers shapes on disk (in-memory inference stops at protobuf's 2 GiB).
@@ -47,7 +51,7 @@ def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) 
     model = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + islands)
     written, weights = save_graph(model, path)
     del model
-    return written, default_ort_options(weights), {"fp32_islands": islands}
+    return written, default_ort_options(weights), Conversion(fp32_islands=tuple(islands))
 
 
 def convert_component(
@@ -55,13 +59,13 @@ def convert_component(
     precision: str,
     path: Path,
     outputs: tuple[TensorSpec, ...],
-    fp32_ort_options: dict,
+    fp32_ort_options: SessionOptions,
     fp32_files: tuple[FileEntry, ...],
     gate_feeds: list[dict[str, np.ndarray]],
     calibration_feeds: list[dict[str, np.ndarray]] | None = None,
     *,
     upcast_attention: bool = False,
-) -> tuple[list[Path], dict, dict, dict]:
+) -> tuple[list[Path], SessionOptions, Parity, Conversion]:
     """Convert the proven fp32 graph at `path` to `precision` in place and gate it against the fp32 graph.
 
     Returns the files written, the ONNX Runtime options, the parity record, and what the manifest records about
@@ -80,4 +84,4 @@ def convert_component(
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check = gate.Check(component, f"the {precision} graph", "fp32", gate.REDUCED_TOLERANCES[precision][component])
     parity = gate.check_graph(check, path, gate_feeds, reference, names, options)
-    return written, options, {**parity, "against": "fp32 graph", "samples": len(gate_feeds)}, details
+    return written, options, replace(parity, against="fp32 graph", samples=len(gate_feeds)), details

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..bundle import Conversion, SessionOptions
 from .onnx import save_graph
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -41,7 +42,7 @@ LATENT_CONVS = ("/conv_in/", "/conv_out/", "/post_quant_conv/", "/quant_conv/")
 REPORT_NAME = "quantization.json"
 # ONNX Runtime's CPU kernels run these fused QDQ graphs fastest at the "extended" level with weights pre-packed:
 # the int8 weights are a quarter of the fp32 ones, so the packed copy is cheap (18 ms vs 19-24 ms at "all").
-ORT_OPTIONS = {"graph_optimization_level": "extended", "disable_prepacking": False}
+ORT_OPTIONS = SessionOptions(graph_optimization_level="extended", disable_prepacking=False)
 
 
 def float_layers(model: onnx.ModelProto) -> dict[str, str]:
@@ -82,7 +83,11 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     external data file, which the session memory-maps (U-Net: 4.2 GB). Returns the ranges as a file in
     onnxruntime's calibration-cache format, in `scratch`."""
     import onnxruntime as ort
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        TensorsData,
+        save_tensors_data,
+    )
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     floats = {v.name for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
@@ -130,12 +135,17 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     return cache
 
 
-def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[Path], dict, dict]:
+def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[Path], SessionOptions, Conversion]:
     """Quantize the fp32 graph at `path` in place, calibrated on `feeds`.
 
     Returns the files written (the graph, its data, the layer report), the ONNX Runtime options, and the
     manifest's summary of the report."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     keep = float_layers(onnx.load(str(path), load_external_data=False))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as scratch, _quiet():
@@ -173,13 +183,13 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[
     del model
     report_path = path.with_name(REPORT_NAME)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    summary = {
-        "report": report_path.name,
-        "scheme": report["scheme"],
-        "quantized_layers": len(report["quantized"]),
-        "float_layers": len(report["float"]),
-    }
-    return [*written, report_path], dict(ORT_OPTIONS), summary
+    summary = Conversion(
+        report=report_path.name,
+        scheme=report["scheme"],
+        quantized_layers=len(report["quantized"]),
+        float_layers=len(report["float"]),
+    )
+    return [*written, report_path], ORT_OPTIONS, summary
 
 
 def layer_report(model: onnx.ModelProto, keep: dict[str, str]) -> dict:

@@ -132,7 +132,7 @@ def build_tokenizer():
 
 
 def save_tokenizer(folder: Path) -> None:
-    """tokenizer.json plus the config that names the special tokens and the length (the runtime reads both)."""
+    """tokenizer.json (canonical: padded and truncated) plus the config transformers reads at export."""
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(folder / "tokenizer.json"))
     config = {

@@ -24,7 +24,7 @@ from itertools import permutations
 import numpy as np
 from PIL import Image
 
-from edgediff.models.shapes import COLOURS, SHAPES, Scene
+from edgediff.models.shapes import COLOURS, Scene
 
 _PALETTE_NAMES = tuple(COLOURS)
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+from ..bundle import PREDICTION_TYPES
 
 # (sample, timestep) -> the model's prediction; the family binds the conditioning (runtime/families/)
 Model = Callable[[np.ndarray, np.ndarray], np.ndarray]

@@ -44,11 +44,12 @@ class RenderPlan:
 
 
 def resolve_sampler(manifest: Manifest, sampler: str | None, schedule: str | None) -> tuple[str, SamplerInfo, str]:
-    """The sampler (name and entry) and schedule a render runs: the caller's, else the manifest's defaults, else
-    the sampler's own default schedule. A pair that makes no sense (lcm with karras, flow_euler on an epsilon
+    """The sampler (name and entry) and schedule a render runs: the caller's, else the manifest's defaults (the
+    export wrote its preset's: Turbo euler_a, trailing; LCM lcm; Lightning euler, trailing), else the sampler's own
+    default schedule. A pair that makes no sense (lcm with karras, flow_euler on an epsilon
     model) is refused."""
     name = sampler or manifest.defaults.sampler
-    info, schedule = _lookup(resolve, name, schedule, manifest.preset)
+    info, schedule = _lookup(resolve, name, schedule, manifest.defaults.schedule)
     prediction = manifest.prediction_type
     if (info.convention == "flow") != (prediction == "flow"):
         fits = [n for n, s in SAMPLERS.items() if (s.convention == "flow") == (prediction == "flow")]

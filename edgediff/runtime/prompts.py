@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..bundle import Manifest
-from .tokenizers import ClipTokenizer
+from .tokenizers import ClipTokenizer, open_tokenizer
 
 
 @dataclass
@@ -44,9 +44,10 @@ class PromptEncoder:
 
     def __init__(self, root: Path, manifest: Manifest):
         self.encoders = manifest.text_encoders
+        legacy = manifest.migrated_from is not None  # a version-1 bundle: its files as 0.1 copied them
+        records = {e.tokenizer: manifest.tokenizers[e.tokenizer] for e in self.encoders}
         self.tokenizers = {
-            e.tokenizer: ClipTokenizer.from_dir(root / manifest.tokenizer_entry(e.tokenizer)["path"])
-            for e in self.encoders
+            key: open_tokenizer(root / r.path, r.max_length, legacy=legacy) for key, r in records.items()
         }
 
     @property

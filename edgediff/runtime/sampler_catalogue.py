@@ -104,8 +104,8 @@ class Preset:
     description: str
 
 
-# The distilled families' sampling recipes, picked from the manifest's preset when the caller names no sampler or
-# schedule (the export already wrote the preset's sampler, steps and guidance into the manifest's defaults).
+# The distilled families' sampling recipes: the export writes the preset's sampler and schedule (with its steps and
+# guidance) into the manifest's defaults, which the runtime reads; this table is for export and `edgediff samplers`.
 PRESETS: dict[str, Preset] = {
     "standard": Preset("euler", "discrete", "classifier-free guidance, the checkpoint's own spacing"),
     "turbo": Preset("euler_a", "trailing", "adversarial distillation (SD-Turbo): 1-4 steps, guidance 0"),
@@ -121,13 +121,13 @@ def sampler_info(name: str) -> SamplerInfo:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
 
 
-def resolve(sampler: str, schedule: str | None = None, preset: str | None = None) -> tuple[SamplerInfo, str]:
-    """Check a (sampler, schedule) pair and fill in the schedule: the preset's where the sampler runs on it, else
-    the sampler's own default. Errors name the valid choices."""
+def resolve(sampler: str, schedule: str | None = None, default_schedule: str | None = None
+            ) -> tuple[SamplerInfo, str]:
+    """Check a (sampler, schedule) pair and fill in the schedule: `default_schedule` (the manifest's) where the
+    sampler runs on it, else the sampler's own default. Errors name the valid choices."""
     info = sampler_info(sampler)
     if schedule is None:
-        chosen = PRESETS.get(preset or "")
-        return info, chosen.schedule if chosen and chosen.schedule in info.schedules else info.schedules[0]
+        return info, default_schedule if default_schedule in info.schedules else info.schedules[0]
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if schedule not in info.schedules:

@@ -1,41 +1,26 @@
-"""CLIP tokenization on the `tokenizers` library, with ids identical to transformers' `CLIPTokenizer`.
+"""Tokenization on the `tokenizers` library alone, from a bundle's canonical `tokenizer.json`.
 
-A checkpoint's `tokenizer/` folder carries either a `tokenizer.json` (used as is) or the `vocab.json` +
-`merges.txt` pair, from which the backend is built the way transformers 5.x builds `CLIPTokenizer`
-(models/clip/tokenization_clip.py). `tokenizer_config.json` and `special_tokens_map.json` are read with
-transformers' precedence, which matters in practice: SD 2.x, SD-Turbo and SDXL's second tokenizer pad with "!",
-and because transformers registers every named special token as an added token, a "!" typed in a prompt is then
-encoded as that bare token (id 0) rather than merged by BPE ("wow!!" -> wow, !, ! instead of wow, !!). We keep that
-quirk: the text encoders are run, and compared, with what diffusers feeds them.
+The export writes each tokenizer as transformers runs it for the text encoder: added tokens registered, padding
+and truncation to the model's length included (export/tokenizer.py), so the runtime loads the file as it is and
+gets transformers' ids (CLIP BPE, the built-in word model, any fast tokenizer). Bundles exported before that
+(format version 1) are converted in memory by runtime/legacy_tokenizer.py, the only code that knows their files.
 
 Runtime module: imports numpy and `tokenizers`, never transformers or torch.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Encoding, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import BPE
+from tokenizers import Encoding, Tokenizer
 
-DEFAULT_MAX_LENGTH = 77
-# transformers writes 1e30 ("no limit") into configs it saves for tokenizers that had no limit.
-_NO_LIMIT = 10**20
+from ..bundle import BundleError
+
+TOKENIZER_FILE = "tokenizer.json"
 # A word split by truncation is reported whole when its kept part is at most this many characters.
 _MAX_REPORTED_KEPT = 24
-
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-CLIP_DEFAULTS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-# transformers' SPECIAL_TOKENS_ATTRIBUTES: the order in which named tokens are registered (and so get new ids).
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-# The v5 CLIPTokenizer pattern (the older converter lacked the two special-token alternatives; since added
-# tokens are split off before pre-tokenization, both give the same ids).
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 @dataclass(frozen=True)
@@ -46,84 +31,54 @@ class TokenizedBatch:
     dropped: list[str]
 
 
-class ClipTokenizer:
-    """Pads and truncates to `max_length` exactly as transformers does with padding="max_length", truncation=True."""
+def open_tokenizer(folder: str | Path, max_length: int, *, legacy: bool = False) -> ClipTokenizer:
+    """A manifest's tokenizer folder; `legacy`: a migrated version-1 bundle's files, converted in memory.
+    BundleError (one line) where the files are missing or not a tokenizer."""
+    try:
+        if legacy:
+            from .legacy_tokenizer import from_legacy_files
 
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        *,
-        max_length: int = DEFAULT_MAX_LENGTH,
-        pad_token: str = EOS,
-        bos_token: str | None = BOS,
-        eos_token: str | None = EOS,
-        unk_token: str | None = EOS,
-    ):
+            return ClipTokenizer(from_legacy_files(folder, max_length), max_length=max_length)
+        return ClipTokenizer.from_file(Path(folder) / TOKENIZER_FILE, max_length=max_length)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{e}; re-export the bundle") from None
+
+
+class ClipTokenizer:
+    """A canonical tokenizer: pads and truncates to one fixed length, as transformers does with
+    padding="max_length", truncation=True. Overflow is kept, so that `dropped` and `unknown_words` can see the
+    cut-off tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, *, max_length: int | None = None):
+        padding, truncation = tokenizer.padding, tokenizer.truncation
+        if not padding or not padding.get("length") or not truncation:
+            raise ValueError("not a canonical tokenizer (it must pad to a fixed length and truncate)")
+        length = padding["length"]
+        if truncation["max_length"] != length or (max_length is not None and max_length != length):
+            raise ValueError(f"tokenizer pads to {length} and truncates to {truncation['max_length']}, the "
+                             f"manifest says {max_length}")
         self._tok = tokenizer
-        self._max_length = int(max_length)
-        self._pad_id = _require_id(tokenizer, pad_token, "pad_token")
-        self._bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
-        self._eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
-        self._unk_id = tokenizer.token_to_id(unk_token) if unk_token else None
-        # Overflow is kept (stride 0) so that `dropped` and `unknown_words` can see the cut-off tokens.
-        tokenizer.enable_truncation(self._max_length, stride=0, strategy="longest_first", direction="right")
-        tokenizer.enable_padding(
-            direction="right", pad_id=self._pad_id, pad_type_id=0, pad_token=pad_token, length=self._max_length
-        )
+        self._max_length = int(length)
+        self._pad_id = int(padding["pad_id"])
+        unk = getattr(tokenizer.model, "unk_token", None)
+        self._unk_id = tokenizer.token_to_id(unk) if unk else None
+        self._bos_id, self._eos_id = _template_ends(tokenizer)
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, max_length: int | None = None) -> ClipTokenizer:
-        """Load a tokenizer folder: `tokenizer.json`, else `vocab.json` + `merges.txt`; configs where present."""
-        folder = Path(path)
-        tokenizer_json, vocab, merges = folder / "tokenizer.json", folder / "vocab.json", folder / "merges.txt"
-        from_json = tokenizer_json.is_file()
-        if not from_json and not (vocab.is_file() and merges.is_file()):
-            raise FileNotFoundError(
-                f"no tokenizer in {folder}: looked for tokenizer.json, or vocab.json + merges.txt"
-                + ("" if folder.is_dir() else " (the folder does not exist)")
-            )
+    def from_file(cls, path: str | Path, *, max_length: int | None = None) -> ClipTokenizer:
+        """Load a canonical tokenizer.json; ValueError (one line) if it is missing or not one."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer file")
         try:
-            special, extra_tokens, config = _read_special_tokens(folder)
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"{path}: not a valid tokenizers file ({first})") from None
+        try:
+            return cls(tokenizer, max_length=max_length)
         except ValueError as e:
-            raise ValueError(f"{folder}: {e}") from None
-        if from_json:
-            try:
-                tokenizer = Tokenizer.from_file(str(tokenizer_json))
-            except Exception as e:  # the Rust side raises a bare Exception
-                raise ValueError(f"{tokenizer_json}: not a valid tokenizers file ({e})") from None
-            # CLIP's names stand in only where the file has them: a word-level vocabulary may have none.
-            for key, default in CLIP_DEFAULTS.items():
-                if key not in special and tokenizer.token_to_id(default) is not None:
-                    special[key] = default
-            if "pad_token" not in special and tokenizer.padding:
-                special["pad_token"] = tokenizer.padding["pad_token"]
-        else:
-            special = {**CLIP_DEFAULTS, **special}
-            tokenizer = _clip_bpe(vocab, merges, _content(special["unk_token"]))
-        _register_special_tokens(tokenizer, extra_tokens, special)
-        names = {key: _content(token) for key, token in special.items()}
-        if not from_json:
-            tokenizer.post_processor = processors.RobertaProcessing(
-                (names["eos_token"], _require_id(tokenizer, names["eos_token"], "eos_token")),
-                (names["bos_token"], _require_id(tokenizer, names["bos_token"], "bos_token")),
-                trim_offsets=False,
-                add_prefix_space=False,
-            )
-        tokenizer.encode_special_tokens = bool(config.get("split_special_tokens", False))
-        if max_length is None:
-            max_length = config.get("model_max_length")
-            if not isinstance(max_length, int) or not 0 < max_length < _NO_LIMIT:
-                max_length = DEFAULT_MAX_LENGTH
-        if "pad_token" not in names:
-            raise ValueError(f"{folder}: no pad token; set pad_token in tokenizer_config.json")
-        return cls(
-            tokenizer,
-            max_length=max_length,
-            pad_token=names["pad_token"],
-            bos_token=names.get("bos_token"),
-            eos_token=names.get("eos_token"),
-            unk_token=names.get("unk_token"),
-        )
+            raise ValueError(f"{path}: {e}") from None
 
     @property
     def max_length(self) -> int:
@@ -174,122 +129,18 @@ class ClipTokenizer:
         return found
 
 
-def _clip_bpe(vocab: Path, merges: Path, unk_token: str) -> Tokenizer:
-    """The backend of transformers 5.x `CLIPTokenizer.__init__`, less its post-processor (set once ids are known)."""
+def _template_ends(tokenizer: Tokenizer) -> tuple[int | None, int | None]:
+    """The ids the post-processor puts before and after a text (CLIP: <|startoftext|>, <|endoftext|>)."""
+    padding = tokenizer.padding
+    tokenizer.no_padding()
     try:
-        model = BPE.from_file(
-            str(vocab),
-            str(merges),
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="</w>",
-            fuse_unk=False,
-            unk_token=unk_token,
-        )
-    except Exception as e:  # the Rust side raises a bare Exception
-        raise ValueError(f"cannot read {vocab} + {merges.name} as a BPE vocabulary ({e})") from None
-    tokenizer = Tokenizer(model)
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def _read_special_tokens(folder: Path) -> tuple[dict[str, Any], list[AddedToken], dict[str, Any]]:
-    """Named special tokens (str or AddedToken), the config's added tokens and the config, as transformers reads them.
-
-    special_tokens_map.json overrides tokenizer_config.json, but only for configs without `added_tokens_decoder`
-    (the newer format, where transformers ignores the map): SD 2.x ships pad "<|endoftext|>" in one and "!" in
-    the other, and pads with "!".
-    """
-    config = _read_json(folder / "tokenizer_config.json")
-    decoder = config.get("added_tokens_decoder")
-    special = {key: _config_token(config[key]) for key in SPECIAL_TOKEN_KEYS if config.get(key)}
-    if decoder is None:
-        for key, value in _read_json(folder / "special_tokens_map.json").items():
-            if key in SPECIAL_TOKEN_KEYS and value:
-                special[key] = _config_token({**value, "special": True} if isinstance(value, dict) else value)
-    extra = [_config_token(props) for _, props in sorted((decoder or {}).items(), key=lambda item: int(item[0]))]
-    by_content = {token.content: token for token in extra}
-    special = {key: by_content.get(_content(value), value) for key, value in special.items()}
-    return special, extra, config
-
-
-def _register_special_tokens(tokenizer: Tokenizer, extra: list[AddedToken], special: dict[str, Any]) -> None:
-    """Add the tokens transformers' TokenizersBackend.__init__ adds, in its order and with its dedup rules.
-
-    Those rules decide the flags a token ends up with: the tokenizers library lets the last registration of a
-    content win, and transformers compares named tokens by all flags, so SD 1.x's eos/unk dicts (normalized=True)
-    are superseded by the plain-string pad "<|endoftext|>" (normalized=False): "<|ENDOFTEXT|>" stays text.
-    """
-    existing = list(tokenizer.get_added_tokens_decoder().values())
-    existing_reprs = {repr(token) for token in existing}
-    to_add: list[Any] = [token for token in extra if repr(token) not in existing_reprs]
-    registered = {token.content for token in existing} | {token.content for token in to_add}
-    for key in SPECIAL_TOKEN_KEYS:
-        value = special.get(key)
-        if value is not None and _content(value) not in registered and value not in to_add:
-            to_add.append(value)
-    named = {_content(value) for value in special.values()}
-    tokens = []
-    for token in to_add:
-        if isinstance(token, str):
-            token = AddedToken(token, special=True)  # normalized defaults to False for special tokens
-        elif not token.special and token.content in named:
-            token = AddedToken(**_token_props(token), special=True)
-        tokens.append(token)
-    if tokens:
-        tokenizer.add_tokens(tokens)
-
-
-def _config_token(value: Any) -> str | AddedToken:
-    """A token as a config spells it: a string, or a dict of AddedToken fields (with or without "__type")."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, dict) or not isinstance(value.get("content"), str):
-        raise ValueError(f"a special token must be a string or an AddedToken object, found {value!r}")
-    flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
-    return AddedToken(value["content"], **{k: bool(value[k]) for k in flags if k in value})
-
-
-def _token_props(token: AddedToken) -> dict[str, Any]:
-    return {
-        "content": token.content,
-        "single_word": token.single_word,
-        "lstrip": token.lstrip,
-        "rstrip": token.rstrip,
-        "normalized": token.normalized,
-    }
-
-
-def _content(value: str | AddedToken) -> str:
-    return value if isinstance(value, str) else value.content
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path.name} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path.name} should hold a JSON object, not {type(data).__name__}")
-    return data
-
-
-def _require_id(tokenizer: Tokenizer, token: str, role: str) -> int:
-    token_id = tokenizer.token_to_id(token)
-    if token_id is None:
-        raise ValueError(f"{role} {token!r} is not in the tokenizer's vocabulary")
-    return token_id
+        encoding = tokenizer.encode("a")
+    finally:
+        tokenizer.enable_padding(**(padding or {}))
+    ids, special = encoding.ids, encoding.special_tokens_mask
+    bos = ids[0] if ids and special[0] else None
+    eos = ids[-1] if len(ids) > 1 and special[-1] else None
+    return bos, eos
 
 
 def _dropped_text(prompt: str, encoding: Encoding) -> str:

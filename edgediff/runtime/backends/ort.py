@@ -14,16 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ...bundle import BundleError, Component
+from ...bundle import BundleError, Component, SessionOptions
 from .. import graph_cache
 from ..sessions import BackendError, SessionBase, SessionSettings
 
 Provider = tuple[str, dict[str, Any]]
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
-# ort_options key: load through graph_cache (the "all"-level graph saved once per machine), set by the export for
-# large convolutional graphs whose "all"-level optimisation would otherwise cost seconds at every load.
-CACHE_OPTION = "cache_optimized_graph"
 # Messages of a provider whose shared libraries (CUDA, cuDNN, TensorRT, the driver) could not be loaded.
 _MISSING_LIBRARY = ("cannot open shared object", "LoadLibrary", "libcu", "libnv", "CUDA driver", "cudaGetDevice")
 
@@ -45,13 +42,13 @@ class OrtSession(SessionBase):
         if requested not in available:
             raise BackendError(f"backend {self.backend!r} needs {requested}, which this onnxruntime "
                                f"{ort.__version__} lacks (it has {', '.join(available)}){self.install_hint}")
-        chosen = component.ort_options if self.uses_manifest_options else {}
+        chosen = component.ort_options if self.uses_manifest_options else SessionOptions()
         options = session_options(ort, chosen, settings.threads, settings.lean)
         path = root / component.file
         try:
             self._session = graph_cache.open_session(
                 ort, path, component.files, options, self.providers,
-                cache=bool(chosen.get(CACHE_OPTION)) and self.uses_manifest_options)
+                cache=chosen.cache_optimized_graph and self.uses_manifest_options)
         except Exception as e:  # onnxruntime raises its own untyped errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if any(part in first for part in _MISSING_LIBRARY):
@@ -91,11 +88,11 @@ class OrtTensorrtSession(OrtSession):
 
 
 
-def session_options(ort, chosen: dict, threads: int | None, lean: bool):
+def session_options(ort, chosen: SessionOptions, threads: int | None, lean: bool):
     """ONNX Runtime options from what the export chose for this graph (the manifest's ort_options)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    level = chosen.get("graph_optimization_level", "all")
+    level = chosen.graph_optimization_level
     if level not in OPTIMIZATION_LEVELS:
         raise BundleError(f"unknown graph optimization level {level!r} in the manifest; re-export the bundle")
     options.graph_optimization_level = {
@@ -104,7 +101,7 @@ def session_options(ort, chosen: dict, threads: int | None, lean: bool):
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
-    if chosen.get("disable_prepacking") or lean:
+    if chosen.disable_prepacking or lean:
         # Pre-packing copies every GEMM weight into the kernel's layout at load: seconds, and a second copy of
         # memory-mapped weights (1.2 GB for the SD U-Net); it pays back in speed only when memory is no object.
         options.add_session_config_entry("session.disable_prepacking", "1")
