@@ -1,4 +1,4 @@
-"""The `edgediff` command: render, export, info. Thin: parse, call the library, show progress.
+"""The `edgediff` command: render, export, info, samplers, bench. Thin: parse, call the library, show progress.
 
 Bad input (a missing bundle, a size the model cannot take, an unreadable image…) gets one line on stderr and exit
 code 2, with nothing written.
@@ -343,60 +343,22 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
 def info(bundle, verify, as_json):
     """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures."""
     from .bundle import BundleError, load_manifest
+    from .describe import describe_bundle
     from .models import builtin_bundle
-    from .runtime import graph_cache
 
     with _one_line_errors():
         if bundle is None:
             bundle = builtin_bundle()
             if bundle is None:
                 raise BundleError("no bundle given and this install has no built-in model; pass a bundle folder")
-        m = load_manifest(bundle, verify=verify)
+        manifest = load_manifest(bundle, verify=verify)
     if as_json:
-        click.echo(json.dumps(m.to_json(), indent=2))
+        click.echo(json.dumps(manifest.to_json(), indent=2))
         return
-    d, s, lat = m.defaults, m.scheduler, m.latent
-    click.echo(f"{bundle}: {m.family}, preset {m.preset}, {m.prediction_type} prediction")
-    click.echo(f"  defaults: {d.sampler} ({d.schedule}), {d.steps} steps, guidance {d.guidance_scale:g}, "
-               f"{d.width}x{d.height}")
-    click.echo(f"  schedule: {s.beta_schedule} betas {s.beta_start:g}..{s.beta_end:g} over {s.num_train_timesteps}, "
-               f"{s.timestep_spacing} spacing (from {s.source_class or 'unknown'})")
-    click.echo(f"  latents: {lat.channels} channels, 1/{lat.downscale} scale, factor {lat.scaling_factor:g}; "
-               f"sizes in multiples of {m.size_multiple} px")
-    for e in m.text_encoders:
-        norm = " + final layer norm" if e.final_layer_norm else ""
-        skip = f", clip skip {e.clip_skip}" if e.clip_skip else ""
-        pooled = f", pooled {e.pooled_output}" if e.pooled_output else ""
-        click.echo(f"  text: {e.component} ({e.tokenizer}) hidden_states[{e.layer}]{norm}{skip}{pooled}")
-    if m.guidance_embedding_dim:
-        click.echo(f"  guidance: LCM embedding ({m.guidance_embedding_dim} dims) instead of CFG")
-    for name, c in m.components.items():
-        size = sum(f.size for f in c.files)
-        ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in c.inputs)
-        outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in c.outputs)
-        parity = f", parity {c.parity.max_abs_err:.2g}" if c.parity else ""
-        click.echo(f"  {name}: {c.precision}, {size / 1e6:.1f} MB{parity}\n    in:  {ins}\n    out: {outs}")
-        cached = graph_cache.cached_graphs((Path(bundle) / c.file).parent)
-        if cached:
-            click.echo(f"    optimised for {len(cached)} machine(s) ({', '.join(cached)}): "
-                       f"{sum(cached.values()) / 1e6:.1f} MB in {Path(c.file).parent / graph_cache.CACHE_FOLDER} "
-                       "(re-made on the next load if deleted)")
-    p = m.provenance
-    if p.description:
-        click.echo(f"  about: {p.description}")
-    click.echo(f"  made from {p.source} on {p.date}, opset {p.opset}, edgediff {p.versions.get('edgediff')}")
-    click.echo(f"  {licence_line(p)}")
+    for line in describe_bundle(Path(bundle), manifest):
+        click.echo(line)
     if verify:
         click.echo("  verified: every file's sha256 matches")
-
-
-def licence_line(p) -> str:
-    """The source's licence as `info` shows it: users must check it before commercial use."""
-    from .bundle import UNKNOWN_LICENCE
-
-    if p.licence == UNKNOWN_LICENCE:
-        return "licence: unknown — check the source's terms before commercial use"
-    return f"licence: {p.licence}" + (f" (from {p.licence_from})" if p.licence_from else "")
 
 
 if __name__ == "__main__":

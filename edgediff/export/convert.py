@@ -182,22 +182,22 @@ def _load_tiny_vae(folder, ck: Checkpoint):
     return module, specs.tiny_vae_decoder_spec(module, ck.latent.scaling_factor, ck.latent.shift_factor)
 
 
-def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
-    encoders = ck.text_encoders(o.clip_skip)
+def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
+    encoders = ck.text_encoders(asked.clip_skip)
     plan = plan_components(encoders)
-    check_components(o.loras, {"unet", *(e.component for e in encoders)})
-    keep = kept_fp32(ck, o.precision, o.tiny_vae)
-    total = len(plan) + len(conversion_targets(o.precision, plan, keep))
+    check_components(asked.loras, {"unet", *(e.component for e in encoders)})
+    keep = kept_fp32(ck, asked.precision, asked.tiny_vae)
+    total = len(plan) + len(conversion_targets(asked.precision, plan, keep))
 
     done = 0
 
     def proven(what: str) -> None:
         nonlocal done
         done += 1
-        if o.progress:
-            o.progress(what, done, total)
+        if asked.progress:
+            asked.progress(what, done, total)
 
-    preset = ck.preset(o.preset)
+    preset = ck.preset(asked.preset)
     family = ck.family
     scheduler, prediction_type = ck.scheduler(preset)
     if prediction_type not in PREDICTION_TYPES:
@@ -207,17 +207,17 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
         ck.tokenizer_files(e.tokenizer)  # present, or a SourceError before any export work
     trace_dims, gate_dims = _gate_shapes(ck)
 
-    with atomic_folder(o.out, replace=True) as tmp:  # `force` was checked before anything was loaded
+    with atomic_folder(asked.out, replace=True) as tmp:  # `force` was checked before anything was loaded
         components, component_specs = {}, {}
         for name, (source, make_spec) in plan.items():
-            if name == "vae_decoder" and o.tiny_vae is not None:
-                module, spec = _load_tiny_vae(o.tiny_vae, ck)
+            if name == "vae_decoder" and asked.tiny_vae is not None:
+                module, spec = _load_tiny_vae(asked.tiny_vae, ck)
             else:
-                module = ck.load(source, o.allow_pickle)
-                fuse(module, source, o.loras)
+                module = ck.load(source, asked.allow_pickle)
+                fuse(module, source, asked.loras)
                 spec = make_spec(module)
             path = tmp / name / "model.onnx"
-            written, ort_options = export_component(module, spec, trace_dims, path, opset=o.opset)
+            written, ort_options = export_component(module, spec, trace_dims, path, opset=asked.opset)
             references = reference_outputs(module, spec, gate_dims)
             del module  # before the graph is loaded: both at once would not fit for a full-size SDXL U-Net
             gc.collect()
@@ -241,7 +241,7 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
         for name, c in components.items():
             axes = default_axis_ranges(c.dynamic_axes(), height=defaults.height, width=defaults.width,
                                        downscale=ck.latent.downscale, size_multiple=ck.size_multiple,
-                                       sequence=sequence, max_batch=o.max_batch, size_range=o.size_range)
+                                       sequence=sequence, max_batch=asked.max_batch, size_range=asked.size_range)
             components[name] = dataclasses.replace(c, axes=axes)
         manifest = Manifest(
             family=family,
@@ -256,11 +256,11 @@ def _export(ck: Checkpoint, o: ExportOptions) -> Manifest:
             text_encoders=encoders,
             added_conditions=ck.added_conditions,
             guidance_embedding_dim=ck.guidance_embedding_dim,
-            provenance=_provenance(ck, o),
+            provenance=_provenance(ck, asked),
         )
         write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
-        if o.precision != "fp32":
-            manifest = _convert(tmp, manifest, o.precision, ck, component_specs, gate_dims, o.calibration, proven,
+        if asked.precision != "fp32":
+            manifest = _convert(tmp, manifest, asked.precision, ck, component_specs, gate_dims, asked.calibration, proven,
                                 keep)
             write_manifest(tmp, manifest)
     return manifest
@@ -274,18 +274,18 @@ def _write_tokenizer(ck: Checkpoint, folder: str, tmp: Path) -> TokenizerRecord:
     return TokenizerRecord(folder, (FileEntry.of(tmp, f"{folder}/{TOKENIZER_FILE}"),), max_length)
 
 
-def _provenance(ck: Checkpoint, o: ExportOptions) -> Provenance:
+def _provenance(ck: Checkpoint, asked: ExportOptions) -> Provenance:
     card_licence = ck.licence()
-    licence, licence_from = (o.licence, "--license") if o.licence else (card_licence, "the model card")
+    licence, licence_from = (asked.licence, "--license") if asked.licence else (card_licence, "the model card")
     return Provenance(
-        source=str(o.src),
-        description=o.description or None,
+        source=str(asked.src),
+        description=asked.description or None,
         source_pipeline=ck.index.get("_class_name"),
         licence=licence or "unknown",
         licence_from=licence_from if licence else None,
-        opset=o.opset,
-        loras=tuple(lora.provenance() for lora in o.loras),
-        vae_decoder=f"AutoencoderTiny from {o.tiny_vae}" if o.tiny_vae else "the checkpoint's VAE",
+        opset=asked.opset,
+        loras=tuple(lora.provenance() for lora in asked.loras),
+        vae_decoder=f"AutoencoderTiny from {asked.tiny_vae}" if asked.tiny_vae else "the checkpoint's VAE",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         versions=_versions(),
     )

@@ -54,7 +54,8 @@ def _quiet_exporter():
 def export_component(
     module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, int], path: Path, *, opset: int = DEFAULT_OPSET
 ) -> tuple[list[Path], SessionOptions]:
-    """Export `module` to `path` (model.onnx); weights go to one `model.onnx.data` beside it past 2 GiB.
+    """Export `module` to `path` (model.onnx); weights go to one `model.onnx.data` beside it past
+    EXTERNAL_DATA_THRESHOLD.
 
     Returns the files written and the ONNX Runtime options the graph should run with."""
     wrapped = spec.wrap(module).eval()

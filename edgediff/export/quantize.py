@@ -1,22 +1,10 @@
 """int8 QDQ quantization of one exported graph, with onnxruntime's static quantizer, and its layer report.
 
-Choices, measured on this project's CPU (AVX-512 VNNI, onnxruntime 1.32; four 128-channel 3x3 convs at 64x64 and a
-linear, two threads): fp32 54-64 ms; uint8 activations x int8 weights 18-20 ms (ONNX Runtime fuses the QDQ pairs
-into QLinearConv / MatMulIntegerToFloat on its U8S8 VNNI kernels); int8 x int8 90-107 ms, slower than fp32.
-So activations are uint8, but *symmetric* (zero point 128): such a tensor is exactly an int8 tensor with zero
-point 0 shifted by 128, which is what TensorRT's explicit quantization takes, so the TensorRT build can rewrite
-the Q/DQ zero points losslessly instead of re-quantizing. Weights are int8, symmetric, per output channel, in
-7 bits ([-64, 64]): ONNX Runtime's u8 x s8 kernels on CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply
-with VPMADDUBSW, which adds two u8 x s8 products into a saturating int16; 2 x 255 x 127 overflows it, 2 x 255 x 64
-= 32640 does not. The test suite's tiny int8 bundle rendered 28.0 dB against fp32 with full-range weights on an
-AVX-512 VNNI CPU and 23.9 dB on AVX2 (a real AVX2 EPYC and qemu's Haswell model alike); with 7-bit weights
-28.75 dB on both, and the kernels and their speed are unchanged. u8 x u8 does not saturate either, but runs at half
-the speed on VNNI (benchmarks/RESULTS.md, "int8 on AVX2").
-
-Left in float, because the image shows their error and their compute is small: the first and last convolution of
-each graph and the others at the latent end (they meet the latents and write the prediction / pixels), the
-timestep-embedding layers, and the
-attention products of two activations (Q K^T and attn V; only matmuls with a constant weight are quantized).
+The format (docs/int8.md says why, with the measurements): activations uint8 and symmetric (zero point 128, so a
+TensorRT build can take the Q/DQ pairs as int8 losslessly), per tensor, MinMax over calibration trajectories;
+weights int8, symmetric, per output channel, in 7 bits ([-64, 64]) so that ONNX Runtime's u8 x s8 kernels on CPUs
+without VNNI never saturate their int16 pair sums. Left in float: the convolutions at the latent end of each graph,
+the timestep-embedding layers, and the attention products of two activations.
 """
 
 from __future__ import annotations
@@ -40,8 +28,8 @@ EMBEDDING_LAYERS = ("time_embedding", "time_emb_proj", "add_embedding", "class_e
 # conv is post_quant_conv, a 1x1; its conv_in, which widens the 4 latent channels, is as sensitive and as cheap).
 LATENT_CONVS = ("/conv_in/", "/conv_out/", "/post_quant_conv/", "/quant_conv/")
 REPORT_NAME = "quantization.json"
-# ONNX Runtime's CPU kernels run these fused QDQ graphs fastest at the "extended" level with weights pre-packed:
-# the int8 weights are a quarter of the fp32 ones, so the packed copy is cheap (18 ms vs 19-24 ms at "all").
+# ONNX Runtime's CPU kernels run these fused QDQ graphs fastest at the "extended" level with weights pre-packed
+# (docs/int8.md).
 ORT_OPTIONS = SessionOptions(graph_optimization_level="extended", disable_prepacking=False)
 
 
@@ -76,12 +64,10 @@ def _reductions(tensor: str) -> list[onnx.NodeProto]:
 def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: Path):
     """Min and max of every float activation a quantizable node reads or writes, over `feeds` (MinMax calibration).
 
-    What onnxruntime's MinMax calibrator computes, at a fraction of its memory: that one loads the model with its
-    weights, clones it to add a ReduceMin/ReduceMax pair per tensor, and runs the clone in an order that keeps
-    every activation alive (SD-Turbo at 512²: 17.6 GB for the U-Net, 12.8 GB for the VAE decoder). Here only the
-    graph is loaded; the augmented graph is written beside the original so that its weights stay the original's
-    external data file, which the session memory-maps (U-Net: 4.2 GB). Returns the ranges as a file in
-    onnxruntime's calibration-cache format, in `scratch`."""
+    What onnxruntime's MinMax calibrator computes, at a fraction of its memory (docs/int8.md): only the graph is
+    loaded, and the augmented graph is written beside the original so that its weights stay the original's
+    memory-mapped external data file. Returns the ranges as a file in onnxruntime's calibration-cache format, in
+    `scratch`."""
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import (
         CalibrationMethod,
@@ -114,9 +100,8 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's calibrator
         options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
-        # Each reduction must run as soon as its tensor exists, so that the tensor is freed as in the plain graph.
-        # ONNX Runtime's default order ran them late and kept every activation alive (VAE decoder at 512²:
-        # 10.9 GB instead of 1.4); the priority-based order runs them in place (1.9 GB).
+        # Each reduction must run as soon as its tensor exists, so that the tensor is freed as in the plain graph;
+        # ONNX Runtime's default order ran them late and kept every activation alive (docs/int8.md).
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
         names = [f"{t}__{op}" for t in tensors for op in REDUCTIONS]

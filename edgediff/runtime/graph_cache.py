@@ -1,9 +1,9 @@
 """ONNX Runtime's "all"-level graph, optimised once per machine and kept for later loads.
 
-The "all" level re-lays every convolution out in NCHWc blocks sized for this CPU's vectors. On the SD-Turbo U-Net
-it runs a 512² step ~12 % faster than "extended", but its graph work costs ~5 s at every load (15 s when the
-optimised graph is also written out). ONNX Runtime can save the graph it optimised; a later session loads that file
-with optimisations off in 1.5 s and runs it just as fast (docs/loading.md). The saved layout is valid only for the
+The "all" level re-lays every convolution out in NCHWc blocks sized for this CPU's vectors: faster steps for a
+large convolutional graph, but seconds of graph work at every load. ONNX Runtime can save the graph it optimised;
+a later session loads that file with optimisations off, quickly, and runs it just as fast (docs/loading.md has the
+figures). The saved layout is valid only for the
 CPU features and onnxruntime version that made it, so a cached graph is keyed by both, and by the fingerprints of
 the graph it was made from (a re-exported bundle never meets a stale cache).
 

@@ -1,0 +1,58 @@
+"""What `edgediff info` says about a bundle: its manifest, readably, and the licence to check before use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bundle import UNKNOWN_LICENCE, Manifest, Provenance
+from .runtime import graph_cache
+
+
+def describe_bundle(bundle: Path, manifest: Manifest) -> list[str]:
+    """`edgediff info`'s lines for a bundle."""
+    defaults, scheduler, latent = manifest.defaults, manifest.scheduler, manifest.latent
+    lines = [
+        f"{bundle}: {manifest.family}, preset {manifest.preset}, {manifest.prediction_type} prediction",
+        f"  defaults: {defaults.sampler} ({defaults.schedule}), {defaults.steps} steps, "
+        f"guidance {defaults.guidance_scale:g}, {defaults.width}x{defaults.height}",
+        f"  schedule: {scheduler.beta_schedule} betas {scheduler.beta_start:g}..{scheduler.beta_end:g} over "
+        f"{scheduler.num_train_timesteps}, {scheduler.timestep_spacing} spacing "
+        f"(from {scheduler.source_class or 'unknown'})",
+        f"  latents: {latent.channels} channels, 1/{latent.downscale} scale, factor {latent.scaling_factor:g}; "
+        f"sizes in multiples of {manifest.size_multiple} px",
+    ]
+    for encoder in manifest.text_encoders:
+        norm = " + final layer norm" if encoder.final_layer_norm else ""
+        skip = f", clip skip {encoder.clip_skip}" if encoder.clip_skip else ""
+        pooled = f", pooled {encoder.pooled_output}" if encoder.pooled_output else ""
+        lines.append(f"  text: {encoder.component} ({encoder.tokenizer}) "
+                     f"hidden_states[{encoder.layer}]{norm}{skip}{pooled}")
+    if manifest.guidance_embedding_dim:
+        lines.append(f"  guidance: LCM embedding ({manifest.guidance_embedding_dim} dims) instead of CFG")
+    for name, component in manifest.components.items():
+        size = sum(f.size for f in component.files)
+        ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in component.inputs)
+        outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in component.outputs)
+        parity = f", parity {component.parity.max_abs_err:.2g}" if component.parity else ""
+        lines += [f"  {name}: {component.precision}, {size / 1e6:.1f} MB{parity}",
+                  f"    in:  {ins}", f"    out: {outs}"]
+        cached = graph_cache.cached_graphs((bundle / component.file).parent)
+        if cached:
+            where = Path(component.file).parent / graph_cache.CACHE_FOLDER
+            lines.append(f"    optimised for {len(cached)} machine(s) ({', '.join(cached)}): "
+                         f"{sum(cached.values()) / 1e6:.1f} MB in {where} (re-made on the next load if deleted)")
+    provenance = manifest.provenance
+    if provenance.description:
+        lines.append(f"  about: {provenance.description}")
+    lines.append(f"  made from {provenance.source} on {provenance.date}, opset {provenance.opset}, "
+                 f"edgediff {provenance.versions.get('edgediff')}")
+    lines.append(f"  {licence_line(provenance)}")
+    return lines
+
+
+def licence_line(provenance: Provenance) -> str:
+    """The source's licence as `info` shows it: users must check it before commercial use."""
+    if provenance.licence == UNKNOWN_LICENCE:
+        return "licence: unknown — check the source's terms before commercial use"
+    source = f" (from {provenance.licence_from})" if provenance.licence_from else ""
+    return f"licence: {provenance.licence}{source}"
