@@ -16,6 +16,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_pipelines  # noqa: E402
 
+# Shared by the parity tests (`from conftest import ...`): what edgediff's images are held to against diffusers'.
+PIXEL_TOLERANCE = 2e-3  # same weights and initial latents: max abs pixel error, pixels in 0..1
+SEED_TOLERANCE = 2e-4  # same seed: the noise is drawn by edgediff's re-implementation of torch's CPU generator
+PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
+NEGATIVES = ["blurry", "low quality, ugly"]
+H, W = 32, 48  # render size: small, non-square, so that a swapped height and width shows
+
+
+def diffusers_pipeline(cls, source, *, scheduler: str | None = "EulerDiscreteScheduler", **kwargs):
+    """diffusers' reference pipeline `cls` (a class or its name) on `source`: no safety checker where the class
+    has one, no progress bar, and the scheduler replaced by `scheduler` built from the checkpoint's own config (as
+    edgediff reads it; None keeps the checkpoint's)."""
+    import diffusers
+
+    cls = getattr(diffusers, cls) if isinstance(cls, str) else cls
+    if "safety_checker" in cls._optional_components:
+        kwargs = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
+    pipe = cls.from_pretrained(source, **kwargs)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):

@@ -16,10 +16,8 @@ from click.testing import CliRunner  # noqa: E402
 from edgediff import Pipeline  # noqa: E402
 from edgediff.cli import main  # noqa: E402
 
-TOLERANCE = 2e-3
-PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
-NEGATIVES = ["blurry", "low quality, ugly"]
-H, W = 32, 48
+from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +25,7 @@ def skipped(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("clip_skip") / "bundle"
     r = CliRunner().invoke(main, ["export", str(checkpoint("sd1")), str(out), "--clip-skip", "1"])
     assert r.exit_code == 0, r.output
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None,
-                                                            requires_safety_checker=False)
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
+    ref = diffusers_pipeline("StableDiffusionPipeline", checkpoint("sd1"))
     # diffusers' clip_skip path reads text_encoder.text_model.final_layer_norm, which transformers 5 flattened into
     # the model itself; the alias (unregistered, so no module cycle) lets diffusers' own code run unchanged.
     if not hasattr(ref.text_encoder, "text_model"):

@@ -17,10 +17,11 @@ from edgediff import Pipeline  # noqa: E402
 from edgediff.cli import main  # noqa: E402
 from edgediff.export.convert import export_bundle  # noqa: E402
 
-TOLERANCE = 2e-3
+from conftest import H, W, diffusers_pipeline  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
+
 RANK = 4
 SCALE = 0.7
-H, W = 32, 48
 
 
 def _write_lora(pipeline_class, source, folder, encoders):
@@ -82,7 +83,7 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders_renders_like_diffusers(che
     manifest = export_bundle(checkpoint("sdxl"), out, loras=[f"{lora}:{SCALE}"])
     (record,) = manifest.provenance.loras
     assert all(record.layers[c] > 0 for c in ("unet", "text_encoder", "text_encoder_2"))
-    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(checkpoint("sdxl"))
+    ref = diffusers_pipeline("StableDiffusionXLPipeline", checkpoint("sdxl"))
     _assert_renders_like_diffusers(out, ref, lora, guidance=5.0)
 
 
@@ -94,14 +95,12 @@ def test_fused_lora_renders_like_diffusers_with_the_lora_loaded(checkpoint, lora
     assert lora.format == fmt.removesuffix("-old") and lora.scale == SCALE
     assert lora.layers["unet"] > 0 and lora.layers["text_encoder"] > 0
 
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint("sd1"), safety_checker=None)
+    ref = diffusers_pipeline("StableDiffusionPipeline", checkpoint("sd1"))
     _assert_renders_like_diffusers(out, ref, lora_files["diffusers"], guidance=7.5)
 
 
 def _assert_renders_like_diffusers(bundle, ref, lora_file, guidance):
     """The bundle renders what diffusers renders with the LoRA loaded and fused, and the LoRA changes the image."""
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
     ref.load_lora_weights(lora_file)
     ref.fuse_lora(lora_scale=SCALE)
     latents = torch.randn(1, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(2))

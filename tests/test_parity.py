@@ -12,17 +12,14 @@ diffusers = pytest.importorskip("diffusers")
 
 from edgediff import Pipeline  # noqa: E402
 
-TOLERANCE = 2e-3
-PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
-NEGATIVES = ["blurry", "low quality, ugly"]
-H, W = 32, 48
+from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 def _reference(checkpoint, family, scheduler_cls, spacing):
-    cls = diffusers.LatentConsistencyModelPipeline if family == "lcm" else diffusers.StableDiffusionPipeline
-    pipe = cls.from_pretrained(checkpoint(family), safety_checker=None, requires_safety_checker=False)
+    cls = "LatentConsistencyModelPipeline" if family == "lcm" else "StableDiffusionPipeline"
+    pipe = diffusers_pipeline(cls, checkpoint(family), scheduler=None)
     pipe.scheduler = getattr(diffusers, scheduler_cls).from_config(pipe.scheduler.config, timestep_spacing=spacing)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -87,11 +84,7 @@ def test_multistep_lcm_and_several_images_per_prompt_match_diffusers_by_seed(bun
 def test_image_to_image_matches_diffusers_by_seed(bundle, checkpoint):
     rng = np.random.default_rng(0)
     init = (rng.random((H, W, 3)) * 0.6 + np.linspace(0, 0.4, W)[None, :, None]).astype(np.float32)
-    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
-        checkpoint("sd1"), safety_checker=None, requires_safety_checker=False
-    )
-    ref_pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref_pipe.scheduler.config)
-    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe = diffusers_pipeline("StableDiffusionImg2ImgPipeline", checkpoint("sd1"))
     from PIL import Image
 
     image = Image.fromarray((init * 255).round().astype(np.uint8))

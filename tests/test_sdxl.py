@@ -17,10 +17,8 @@ from PIL import Image  # noqa: E402
 from edgediff import Pipeline  # noqa: E402
 from edgediff.cli import main  # noqa: E402
 
-TOLERANCE = 2e-3
-PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
-NEGATIVES = ["blurry", "low quality, ugly"]
-H, W = 32, 48
+from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +27,7 @@ def pipes(bundle, checkpoint):
 
     def get(family):
         if family not in loaded:
-            ref = diffusers.StableDiffusionXLPipeline.from_pretrained(checkpoint(family))
-            ref.set_progress_bar_config(disable=True)
+            ref = diffusers_pipeline("StableDiffusionXLPipeline", checkpoint(family), scheduler=None)
             loaded[family] = (Pipeline.load(bundle(family)), ref)
         return loaded[family]
 
@@ -163,9 +160,7 @@ def test_int8_sdxl_bundle_renders_with_quantized_unet(checkpoint, tmp_path):
 
 def test_sdxl_image_to_image_matches_diffusers_by_seed(pipes, checkpoint):
     ours, _ = pipes("sdxl")
-    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(checkpoint("sdxl"), requires_aesthetics_score=False)
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
+    ref = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline", checkpoint("sdxl"), requires_aesthetics_score=False)
     rng = np.random.default_rng(0)
     init = (rng.random((H, W, 3)) * 0.6 + np.linspace(0, 0.4, W)[None, :, None]) * 255
     image = Image.fromarray(init.round().astype(np.uint8))

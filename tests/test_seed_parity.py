@@ -18,14 +18,13 @@ diffusers = pytest.importorskip("diffusers")
 from edgediff import Pipeline  # noqa: E402
 from edgediff.runtime.pipeline import RenderError  # noqa: E402
 
-# The contract is 2e-3. Measured errors are below 1e-5, and these tiny random-weight models' images move by only
-# ~3e-4 when a quirk goes missing (DPM-Solver's rounding of Karras timesteps), so the tests hold them to 2e-4.
-CONTRACT = 2e-3
-TOLERANCE = 2e-4
-assert TOLERANCE <= CONTRACT
-PROMPTS = ["a red cat on a sofa", "a blue dog in the snow"]
-NEGATIVES = ["blurry", "low quality, ugly"]
-H, W = 32, 48
+# The contract is PIXEL_TOLERANCE (2e-3). Measured errors are below 1e-5, and these tiny random-weight models'
+# images move by only ~3e-4 when a quirk goes missing (DPM-Solver's rounding of Karras timesteps), so the tests hold
+# them to SEED_TOLERANCE (2e-4).
+from conftest import NEGATIVES, PIXEL_TOLERANCE, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
+from conftest import SEED_TOLERANCE as TOLERANCE  # noqa: E402
+
+assert TOLERANCE <= PIXEL_TOLERANCE
 
 # our sampler -> (diffusers scheduler class, config overrides); schedules add their own overrides below. DDIM takes
 # the class's own defaults for what the checkpoint's config lacks (clip_sample and set_alpha_to_one true: the tiny
@@ -58,9 +57,8 @@ def pipes(bundle, checkpoint):
     def get(family):
         if family not in loaded:
             lcm = family == "lcm"
-            cls = diffusers.LatentConsistencyModelPipeline if lcm else diffusers.StableDiffusionPipeline
-            ref = cls.from_pretrained(checkpoint(family), safety_checker=None, requires_safety_checker=False)
-            ref.set_progress_bar_config(disable=True)
+            cls = "LatentConsistencyModelPipeline" if lcm else "StableDiffusionPipeline"
+            ref = diffusers_pipeline(cls, checkpoint(family), scheduler=None)
             i2i_cls = diffusers.LatentConsistencyModelImg2ImgPipeline if lcm else diffusers.StableDiffusionImg2ImgPipeline
             i2i = i2i_cls.from_pipe(ref)
             i2i.set_progress_bar_config(disable=True)

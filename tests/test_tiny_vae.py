@@ -12,8 +12,8 @@ from edgediff import Pipeline  # noqa: E402
 from edgediff.export.checkpoint import SourceError  # noqa: E402
 from edgediff.export.convert import export_bundle  # noqa: E402
 
-TOLERANCE = 2e-3
-H, W = 32, 48
+from conftest import H, W, diffusers_pipeline  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 def _tiny_vae(folder, latent_channels=4):
@@ -31,11 +31,8 @@ def test_tiny_vae_bundle_renders_like_diffusers(checkpoint, tmp_path):
     out = tmp_path / "bundle"
     manifest = export_bundle(checkpoint("sd1"), out, tiny_vae=taesd)
     assert manifest.provenance.vae_decoder.startswith("AutoencoderTiny")
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(
-        checkpoint("sd1"), vae=diffusers.AutoencoderTiny.from_pretrained(taesd), safety_checker=None
-    )
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
+    ref = diffusers_pipeline("StableDiffusionPipeline", checkpoint("sd1"),
+                             vae=diffusers.AutoencoderTiny.from_pretrained(taesd))
     latents = torch.randn(2, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
     kw = dict(num_inference_steps=3, guidance_scale=7.5, height=H, width=W, output_type="np")
     prompts = ["a red cat", "a blue dog"]
