@@ -17,7 +17,7 @@ maps divided through by alpha = 1 / sqrt(sigma^2 + 1).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,6 +40,14 @@ def _toward(x: np.ndarray, x0: np.ndarray, ratio: float, buf: np.ndarray) -> Non
     np.subtract(x, x0, out=buf)
     buf *= np.float32(ratio)
     x += buf
+
+
+def _landings(sigmas, targets) -> Iterator[tuple[int, float, float, float]]:
+    """(i, sigma, the next sigma, where the step lands) for each step: `targets[i]` where a schedule lands a step
+    off the next sigma (DDIM under trailing spacing, TCD), else the next sigma."""
+    for i in range(len(sigmas) - 1):
+        sigma_next = float(sigmas[i + 1])
+        yield i, float(sigmas[i]), sigma_next, float(targets[i]) if targets is not None else sigma_next
 
 
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -129,9 +137,7 @@ def sample_ddim(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, call
     `clip_x0` clamps x0 as diffusers' clip_sample does, after eps is taken from the unclamped one."""
     x = _working(x)
     buf = np.empty_like(x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        to = float(targets[i]) if targets is not None else sigma_next
+    for i, sigma, sigma_next, to in _landings(sigmas, targets):
         x0 = denoise(x, sigma)
         down, up = ancestral_step(sigma, to, eta)
         _toward(x, x0, (down - sigma) / sigma, buf)
@@ -166,47 +172,38 @@ def sample_dpmpp_2m(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, 
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models"), multistep, midpoint form; first order on the first step and on the step to sigma 0 (diffusers'
     lower_order_final with final_sigmas_type "zero")."""
-    x = _working(x)
-    buf = np.empty_like(x)
-    old, h_last = None, 0.0
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x0 = denoise(x, sigma)
-        if sigma_next == 0:
-            np.copyto(x, x0)
-        else:
-            h = math.log(sigma / sigma_next)  # lambda = -log sigma
-            d = _two_step_x0(x0, old, h, h_last, buf)
-            x *= np.float32(sigma_next / sigma)
-            x += d * np.float32(-math.expm1(-h))
-            h_last = h
-        old = x0
-        if _stopped(callback, i, x, x0):
-            return x0
-    return x
+    return _dpmpp_2m(denoise, x, sigmas, None, callback)
 
 
 def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", the SDE variant; diffusers' "sde-dpmsolver++",
     midpoint): the 2M update with the noise term of the variance-preserving SDE. Noise is drawn every step, the
     last included, as diffusers does."""
+    return _dpmpp_2m(denoise, x, sigmas, noise, callback)
+
+
+def _dpmpp_2m(denoise: Denoise, x, sigmas, noise: Noise | None, callback: Callback | None):
+    """The 2M loop: deterministic without `noise`, the SDE variant with it."""
     x = _working(x)
     buf = np.empty_like(x)
     old, h_last = None, 0.0
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    for i, sigma, sigma_next, _ in _landings(sigmas, None):
         x0 = denoise(x, sigma)
-        z = noise(x.shape)
+        z = noise(x.shape) if noise is not None else None
         if sigma_next == 0:
             np.copyto(x, x0)
         else:
-            h = math.log(sigma / sigma_next)
-            decay = -math.expm1(-2 * h)  # 1 - e^{-2h}
+            h = math.log(sigma / sigma_next)  # lambda = -log sigma
             d = _two_step_x0(x0, old, h, h_last, buf)
-            x *= np.float32(sigma_next / sigma * math.exp(-h))
-            x += d * np.float32(decay)
-            z *= np.float32(sigma_next * decay**0.5)
-            x += z
+            if z is None:
+                x *= np.float32(sigma_next / sigma)
+                x += d * np.float32(-math.expm1(-h))
+            else:
+                decay = -math.expm1(-2 * h)  # 1 - e^{-2h}
+                x *= np.float32(sigma_next / sigma * math.exp(-h))
+                x += d * np.float32(decay)
+                z *= np.float32(sigma_next * decay**0.5)
+                x += z
             h_last = h
         old = x0
         if _stopped(callback, i, x, x0):
@@ -294,9 +291,7 @@ def sample_tcd(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback 
     fresh noise back up to the next sigma; the last step lands on its target without noise."""
     x = _working(x)
     buf = np.empty_like(x)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        s = float(targets[i]) if targets is not None else sigma_next
+    for i, sigma, sigma_next, s in _landings(sigmas, targets):
         x0 = denoise(x, sigma)
         _toward(x, x0, (s - sigma) / sigma, buf)
         if s < sigma_next:
