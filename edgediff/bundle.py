@@ -102,9 +102,6 @@ class Component:
     ort_options: SessionOptions = field(default_factory=SessionOptions)
     conversion: Conversion | None = None
 
-    def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
-
     def dynamic_axes(self) -> list[str]:
         names = (d for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str))
         return list(dict.fromkeys(names))

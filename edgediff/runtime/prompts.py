@@ -50,10 +50,6 @@ class PromptEncoder:
             key: open_tokenizer(root / r.path, r.max_length, legacy=legacy) for key, r in records.items()
         }
 
-    @property
-    def first_tokenizer(self) -> ClipTokenizer:
-        return self.tokenizers[self.encoders[0].tokenizer]
-
     def __call__(self, texts: list[str], session: Callable, warnings: list[str], timer) -> Embeddings:
         hidden, pooled = [], None
         for i, encoder in enumerate(self.encoders):
