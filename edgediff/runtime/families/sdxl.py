@@ -8,7 +8,6 @@ the render's.
 
 from __future__ import annotations
 
-
 from ..plan import RenderPlan
 from ..prompts import time_ids
 from . import Conditioning, SessionFor
