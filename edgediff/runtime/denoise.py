@@ -71,7 +71,8 @@ def make_denoiser(
         raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     cfg = guidance_scale is not None
     flow = prediction_type == "flow"
-    inputs: dict[tuple[int, ...], np.ndarray] = {}  # the model's input buffer, reused every step (the session copies it)
+    # the model's input buffer per shape, reused every step (the session copies it)
+    inputs: dict[tuple[int, ...], np.ndarray] = {}
 
     def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
         t = timestep_for(sigma)

@@ -10,7 +10,6 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..atomic import atomic_file
 
-
 # an init image: a path, a PIL image, or an (H, W, 3) array in 0..1
 ImageSource = str | os.PathLike[str] | Image.Image | np.ndarray
 
