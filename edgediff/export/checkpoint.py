@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ class Checkpoint:
     text_config_2: dict | None = None  # SDXL's second encoder (OpenCLIP-bigG, with projection)
 
     @classmethod
-    def open(cls, src: str | Path) -> Checkpoint:
+    def open(cls, src: str | os.PathLike[str]) -> Checkpoint:
         root = Path(src)
         if root.is_file():
             raise SourceError(f"{src}: a single file; export_bundle converts single-file checkpoints first")

@@ -28,7 +28,7 @@ from ..bundle import (
 from . import PRECISIONS, specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
-from .lora import check_components, fuse, parse_lora_arg, read_lora
+from .lora import Lora, check_components, fuse, parse_lora_arg, read_lora
 from .onnx import DEFAULT_OPSET, check_against_torch, export_component, reference_outputs
 from .precision import convert_component
 from .tokenizer import TOKENIZER_FILE, save_canonical_tokenizer
@@ -115,7 +115,7 @@ class ExportOptions:
     opset: int
     precision: str
     calibration: Calibration | None
-    loras: tuple  # LoRA files read and checked, fused in order
+    loras: tuple[Lora, ...]  # LoRA files read and checked, fused in order
     allow_pickle: bool
     tiny_vae: str | os.PathLike | None
     clip_skip: int
