@@ -33,7 +33,9 @@ def _write_lora(pipeline_class, source, folder, encoders):
                                                       pipeline_class._optional_components else {}))
     torch.manual_seed(0)
     # lora_alpha = rank: the scale PEFT applies is then 1, whatever the file's metadata says
-    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
+    pipe.unet.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    )
     with torch.no_grad():
         for pname, p in pipe.unet.named_parameters():
             if "lora_" in pname:

@@ -37,7 +37,8 @@ def pipes(bundle, checkpoint):
     return get
 
 
-def _latents(n=len(PROMPTS)):
+def _latents(n=None):
+    n = len(PROMPTS) if n is None else n
     return torch.randn(n, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
 
 
@@ -163,7 +164,9 @@ def test_int8_sdxl_bundle_renders_with_quantized_unet(checkpoint, tmp_path):
 
 def test_sdxl_image_to_image_matches_diffusers_by_seed(pipes, checkpoint):
     ours, _ = pipes("sdxl")
-    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(checkpoint("sdxl"), requires_aesthetics_score=False)
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        checkpoint("sdxl"), requires_aesthetics_score=False
+    )
     ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)

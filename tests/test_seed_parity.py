@@ -61,7 +61,9 @@ def pipes(bundle, checkpoint):
             cls = diffusers.LatentConsistencyModelPipeline if lcm else diffusers.StableDiffusionPipeline
             ref = cls.from_pretrained(checkpoint(family), safety_checker=None, requires_safety_checker=False)
             ref.set_progress_bar_config(disable=True)
-            i2i_cls = diffusers.LatentConsistencyModelImg2ImgPipeline if lcm else diffusers.StableDiffusionImg2ImgPipeline
+            i2i_cls = (
+                diffusers.LatentConsistencyModelImg2ImgPipeline if lcm else diffusers.StableDiffusionImg2ImgPipeline
+            )
             i2i = i2i_cls.from_pipe(ref)
             i2i.set_progress_bar_config(disable=True)
             loaded[family] = (Pipeline.load(bundle(family)), ref, i2i, dict(ref.scheduler.config))

@@ -106,7 +106,13 @@ def stage_times(t: dict) -> dict[str, float]:
     text = t.get("tokenize", 0.0) + t.get("text_encoder", 0.0)
     unet = sum(t.get("steps", []))
     vae = t.get("vae_decoder", 0.0)
-    return {"text": text, "unet": unet, "vae_decoder": vae, "other": t["total"] - text - unet - vae, "total": t["total"]}
+    return {
+        "text": text,
+        "unet": unet,
+        "vae_decoder": vae,
+        "other": t["total"] - text - unet - vae,
+        "total": t["total"],
+    }
 
 
 def summarize(renders: list[dict], batch: int) -> dict:
@@ -139,7 +145,9 @@ def machine() -> dict:
             "instruction_set": instruction_set()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+        )
         info["avx512_vnni"] = "avx512_vnni" in cpuinfo
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["memory_bytes"] = int(mem) * 1024
@@ -174,7 +182,9 @@ def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tu
                 notes.append(f"optimum: not installed (no {s.optimum_python}; make it with "
                              "benchmarks/setup_optimum.sh); skipped")
             elif not (Path(model) / "model_index.json").is_file():
-                notes.append(f"optimum: no Optimum export at {model} (make it with benchmarks/setup_optimum.sh); skipped")
+                notes.append(
+                    f"optimum: no Optimum export at {model} (make it with benchmarks/setup_optimum.sh); skipped"
+                )
             else:
                 specs.append(("optimum", {"engine": "optimum", "model": str(model), "threads": s.threads,
                                           "spacing": spacing, "sampler": manifest.defaults.sampler},
@@ -221,8 +231,16 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
         first = True
         for steps in s.steps:
             for batch in s.batches:
-                request = {"prompt": s.prompt, "steps": steps, "guidance": guidance, "sampler": manifest.defaults.sampler,
-                           "height": s.height, "width": s.width, "batch": batch, "seed": 0}
+                request = {
+                    "prompt": s.prompt,
+                    "steps": steps,
+                    "guidance": guidance,
+                    "sampler": manifest.defaults.sampler,
+                    "height": s.height,
+                    "width": s.width,
+                    "batch": batch,
+                    "seed": 0,
+                }
                 for e in engines:
                     progress(f"{e.label}: warm-up, {steps} steps, batch {batch}")
                     cold = e.render(request)
@@ -260,7 +278,11 @@ def _add_limits(entry: dict, bundle: Path, s: Settings, cfg: bool, peak: dict) -
         flops = _flops(bundle, config["batch"], s, cfg)
         config["flops"] = flops
         med = config["median"]
-        times = {"text_encoder": med["text"], "unet_step": config["unet_step_median"], "vae_decoder": med["vae_decoder"]}
+        times = {
+            "text_encoder": med["text"],
+            "unet_step": config["unet_step_median"],
+            "vae_decoder": med["vae_decoder"],
+        }
         fraction = {}
         for stage, n in flops.items():
             component = "unet" if stage == "unet_step" else stage

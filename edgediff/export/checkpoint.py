@@ -234,9 +234,19 @@ class Checkpoint:
                 return (TextEncoder(),)
             return (TextEncoder(output="hidden_state", layer=-(clip_skip + 1), clip_skip=clip_skip),)
         return tuple(
-            TextEncoder(component=name, tokenizer=tok, output="hidden_state", layer=-(clip_skip + 2),
-                        final_layer_norm=False, clip_skip=clip_skip, pooled_output=pooled)
-            for name, tok, pooled in (("text_encoder", "tokenizer", None), ("text_encoder_2", "tokenizer_2", "text_embeds"))
+            TextEncoder(
+                component=name,
+                tokenizer=tok,
+                output="hidden_state",
+                layer=-(clip_skip + 2),
+                final_layer_norm=False,
+                clip_skip=clip_skip,
+                pooled_output=pooled,
+            )
+            for name, tok, pooled in (
+                ("text_encoder", "tokenizer", None),
+                ("text_encoder_2", "tokenizer_2", "text_embeds"),
+            )
         )
 
     @property

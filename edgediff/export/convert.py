@@ -83,7 +83,14 @@ def _gate_shapes(ck: Checkpoint) -> tuple[dict[str, int], list[dict[str, int]]]:
 
     def dims(batch, seq, lh, lw):
         f = ck.latent.downscale
-        return {"batch": batch, "sequence": seq, "latent_height": lh, "latent_width": lw, "height": lh * f, "width": lw * f}
+        return {
+            "batch": batch,
+            "sequence": seq,
+            "latent_height": lh,
+            "latent_width": lw,
+            "height": lh * f,
+            "width": lw * f,
+        }
 
     return dims(2, 77, 2 * k, 3 * k), [dims(1, 77, k, k), dims(3, 16, 3 * k, 2 * k)]
 
@@ -174,7 +181,9 @@ def _load_tiny_vae(folder, ck: Checkpoint):
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise SourceError(f"{folder}: not an AutoencoderTiny folder (no config.json); pass e.g. a saved madebyollin/taesd")
+        raise SourceError(
+            f"{folder}: not an AutoencoderTiny folder (no config.json); pass e.g. a saved madebyollin/taesd"
+        )
     module = diffusers.AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).eval()
     if module.config.latent_channels != ck.latent.channels:
         raise SourceError(f"{folder}: a tiny VAE for {module.config.latent_channels}-channel latents; this model's "
