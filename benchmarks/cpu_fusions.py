@@ -48,10 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="the fused graph (its weights go to OUT.data)")
     args = p.parse_args(argv)
 
+    import fusion_attention_unet  # onnxruntime.transformers puts its own folder on sys.path
     import onnxruntime.transformers.optimizer as optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
-
-    import fusion_attention_unet  # onnxruntime.transformers puts its own folder on sys.path
 
     _patch_num_heads(fusion_attention_unet)
     options = FusionOptions("unet")

@@ -26,7 +26,8 @@ load = time.perf_counter() - t0
 size, steps, runs = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 results = []
 for i in range(runs):
-    out = pipe("a photograph of an astronaut riding a horse", height=size, width=size, num_inference_steps=steps, seed=i)
+    out = pipe("a photograph of an astronaut riding a horse", height=size, width=size, num_inference_steps=steps,
+               seed=i)
     results.append(out.timings)
 print(json.dumps({"load_s": load, "renders": results}))
 """

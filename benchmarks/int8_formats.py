@@ -100,7 +100,12 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((1, CHANNELS, SIDE, SIDE)).astype(np.float32) for _ in range(8)]
     x = rng.standard_normal((1, CHANNELS, SIDE, SIDE)).astype(np.float32)
-    record: dict = {"instruction_set": instruction_set(), "onnxruntime": ort.__version__, "runs": args.runs, "formats": {}}
+    record: dict = {
+        "instruction_set": instruction_set(),
+        "onnxruntime": ort.__version__,
+        "runs": args.runs,
+        "formats": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         onnx.save(stand_in(rng), str(fp32_path))
@@ -117,7 +122,9 @@ def main(argv=None) -> int:
             out, times = timed(session(path, args.threads), x, args.runs)
             ms = 1e3 * statistics.median(times)
             record["formats"][name] = {"ms": ms, "vs_fp32": ms / record["fp32_ms"], "psnr_db": psnr_db(reference, out)}
-            print(f"{name:11s} {ms:8.1f} ms  {ms / record['fp32_ms']:.2f}x fp32  PSNR {psnr_db(reference, out):5.1f} dB")
+            print(
+                f"{name:11s} {ms:8.1f} ms  {ms / record['fp32_ms']:.2f}x fp32  PSNR {psnr_db(reference, out):5.1f} dB"
+            )
     print("instruction set:", record["instruction_set"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

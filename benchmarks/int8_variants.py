@@ -108,11 +108,17 @@ def attention(tokens: int = 4096, heads: int = 5, width: int = 64, runs: int = 5
     qk_in = [helper.make_tensor_value_info("qh", f, [1, heads, tokens, width]),
              helper.make_tensor_value_info("kh", f, [1, heads, width, tokens])]
     rng = np.random.default_rng(0)
-    cases = {"attention, unfused": (unfused, qkv_in, [shape4, shape3]), "attention, MultiHeadAttention": (fused, qkv_in, []),
-             "Q K^T, float": (qk_float, qk_in, []), "Q K^T, u8 x s8": (qk_int8, qk_in, ia + ib)}
+    cases = {
+        "attention, unfused": (unfused, qkv_in, [shape4, shape3]),
+        "attention, MultiHeadAttention": (fused, qkv_in, []),
+        "Q K^T, float": (qk_float, qk_in, []),
+        "Q K^T, u8 x s8": (qk_int8, qk_in, ia + ib),
+    }
     for name, (nodes, inputs, inits) in cases.items():
         graph = helper.make_graph(nodes, name, inputs, [helper.make_tensor_value_info("y", f, None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -108,7 +108,10 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
         "scheduler": lambda: getattr(diffusers, arch.get("scheduler_class", "EulerDiscreteScheduler"))(
             **arch["scheduler"]),
     }
-    index = {"_class_name": arch.get("pipeline", "StableDiffusionPipeline"), "_diffusers_version": diffusers.__version__}
+    index = {
+        "_class_name": arch.get("pipeline", "StableDiffusionPipeline"),
+        "_diffusers_version": diffusers.__version__,
+    }
     for component, build in builders.items():
         module = build()
         module.save_pretrained(out / component, **({} if component == "scheduler" else {"safe_serialization": True}))
@@ -122,7 +125,9 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
         (out / folder).mkdir(exist_ok=True)
         for f in ("vocab.json", "merges.txt"):  # as real checkpoints ship them; older transformers need them
             shutil.copyfile(CLIP_TOKENIZER / f, out / folder / f)
-        CLIPTokenizer.from_pretrained(out / folder, model_max_length=77, pad_token=arch[pad]).save_pretrained(out / folder)
+        CLIPTokenizer.from_pretrained(out / folder, model_max_length=77, pad_token=arch[pad]).save_pretrained(
+            out / folder
+        )
         index[folder] = ["transformers", "CLIPTokenizer"]
     if sdxl:
         index.update(force_zeros_for_empty_prompt=True, feature_extractor=[None, None], image_encoder=[None, None])

@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .bundle import BundleError, load_manifest as load_bundle  # noqa: E402
+from .bundle import BundleError  # noqa: E402
+from .bundle import load_manifest as load_bundle
 from .runtime.pipeline import Pipeline, PipelineOutput  # noqa: E402
 
 __all__ = ["Pipeline", "PipelineOutput", "BundleError", "load_bundle", "__version__"]

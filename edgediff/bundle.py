@@ -200,13 +200,13 @@ class Manifest:
     # The format version read from disk when it was older (migrate.py); its tokenizers are converted in memory.
     migrated_from: int | None = field(default=None, metadata=NOT_WRITTEN)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **to_json(self)}
 
     @classmethod
-    def from_json(cls, d: dict) -> Manifest:
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
         """The manifest in `d` (current format), every field checked; FieldError names the first bad one."""
-        manifest = read_record(cls, {k: v for k, v in d.items() if k not in ("format", "format_version")}, "")
+        manifest: Manifest = read_record(cls, {k: v for k, v in d.items() if k not in ("format", "format_version")}, "")
         check_references(manifest)
         return manifest
 
@@ -228,7 +228,8 @@ def check_references(m: Manifest) -> None:
             if r is None:
                 raise FieldError(f"components.{name}.axes", f"no range for dynamic axis {axis!r}")
             if not r.min <= r.opt <= r.max:
-                raise FieldError(f"components.{name}.axes.{axis}", f"min {r.min}, opt {r.opt}, max {r.max} not in order")
+                raise FieldError(f"components.{name}.axes.{axis}",
+                                 f"min {r.min}, opt {r.opt}, max {r.max} not in order")
 
 
 def default_axis_ranges(
@@ -256,7 +257,8 @@ def default_axis_ranges(
         "batch": AxisRange(1, 1, max_batch),
         "sequence": AxisRange(sequence, sequence, sequence),
         **sides,
-        **{f"latent_{k}": AxisRange(*(getattr(r, a) // downscale for a in ("min", "opt", "max"))) for k, r in sides.items()},
+        **{f"latent_{k}": AxisRange(*(getattr(r, a) // downscale for a in ("min", "opt", "max")))
+           for k, r in sides.items()},
     }
     unknown = [a for a in axes if a not in known]
     if unknown:
@@ -292,7 +294,7 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     (Path(root) / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
 
 
-def read_manifest(root: str | os.PathLike) -> Manifest:
+def read_manifest(root: str | os.PathLike[str]) -> Manifest:
     """Read and validate a bundle's manifest; BundleError (one line) if the bundle cannot be used."""
     root = Path(root)
     if not root.is_dir():
@@ -324,7 +326,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     )
 
 
-def check_files(root: str | os.PathLike, manifest: Manifest, *, full: bool = False) -> None:
+def check_files(root: str | os.PathLike[str], manifest: Manifest, *, full: bool = False) -> None:
     """Check every file the manifest lists: present, right size, right fingerprint (or full sha256 when `full`)."""
     root = Path(root)
     for entry in manifest.all_files():
@@ -343,7 +345,7 @@ def check_files(root: str | os.PathLike, manifest: Manifest, *, full: bool = Fal
             raise BundleError(f"{path}: contents differ from the manifest (corrupt); re-export the bundle")
 
 
-def load_manifest(root: str | os.PathLike, *, verify: bool = False) -> Manifest:
+def load_manifest(root: str | os.PathLike[str], *, verify: bool = False) -> Manifest:
     """Read the manifest and check the files it lists; the runtime's single entry point into a bundle."""
     manifest = read_manifest(root)
     check_files(root, manifest, full=verify)

@@ -97,7 +97,9 @@ def main():
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
               help="PNG to write; with several images, NAME-1.png, NAME-2.png, …")
 @click.option("--steps", type=int, help="Denoising steps [default: the bundle's, e.g. 1 for Turbo, 4 for LCM].")
-@click.option("--guidance", type=float, help="Guidance scale; ≤ 1 turns classifier-free guidance off [default: the bundle's].")
+@click.option(
+    "--guidance", type=float, help="Guidance scale; ≤ 1 turns classifier-free guidance off [default: the bundle's]."
+)
 @click.option("--negative", default=None, help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; matches diffusers' torch CPU generator.")
 @click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT in pixels [default: the bundle's].")
@@ -255,7 +257,9 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
         from .export.convert import export_bundle
         from .export.gate import ParityError
     except ImportError as e:
-        click.echo(f"error: export needs the export extra ({e.name} is missing); pip install 'edgediff[export]'", err=True)
+        click.echo(
+            f"error: export needs the export extra ({e.name} is missing); pip install 'edgediff[export]'", err=True
+        )
         sys.exit(USAGE_ERROR)
     from tqdm import tqdm
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
-from .bundle import Manifest, check_references, default_axis_ranges
+from .bundle import Component, Manifest, check_references, default_axis_ranges
 from .records import FieldError, read_record
 
 # runtime/samplers.py PRESETS as edgediff 0.1 read it: the schedule a v1 bundle's preset rendered with.
@@ -28,7 +29,7 @@ V1_DEFAULT_MAX_LENGTH = 77  # CLIP's, what 0.1's tokenizer fell back to
 _NO_LIMIT = 10**20  # transformers writes 1e30 for "no limit"
 
 
-def migrate_v1(raw: dict, root: Path) -> Manifest:
+def migrate_v1(raw: dict[str, Any], root: Path) -> Manifest:
     """A version-1 manifest as a current Manifest; FieldError (with the v1 field's name) where it is malformed."""
     d = {k: v for k, v in raw.items() if k not in ("format", "format_version", "tokenizer", "tokenizer_2")}
     preset = raw.get("preset")
@@ -53,7 +54,7 @@ def migrate_v1(raw: dict, root: Path) -> Manifest:
     return dataclasses.replace(manifest, migrated_from=1)
 
 
-def _tokenizer_v1(record, root: Path, key: str) -> dict:
+def _tokenizer_v1(record: Any, root: Path, key: str) -> dict[str, Any]:
     if not isinstance(record, dict) or not isinstance(record.get("path"), str):
         raise FieldError(key, "expected an object with a path")
     out = {k: v for k, v in record.items() if k in ("path", "files", "max_length")}
@@ -73,7 +74,7 @@ def _folder_max_length(folder: Path) -> int:
     return length if isinstance(length, int) and 0 < length < _NO_LIMIT else V1_DEFAULT_MAX_LENGTH
 
 
-def _drop_empty(component, keys: tuple[str, ...]):
+def _drop_empty(component: Any, keys: tuple[str, ...]) -> Any:
     if not isinstance(component, dict):
         return component  # the reader says what is wrong with it
     return {k: v for k, v in component.items() if not (k in keys and v == {})}
@@ -82,7 +83,7 @@ def _drop_empty(component, keys: tuple[str, ...]):
 def _with_axis_ranges(m: Manifest) -> Manifest:
     d, latent = m.defaults, m.latent
     sequence = max(t.max_length for t in m.tokenizers.values())
-    components = {}
+    components: dict[str, Component] = {}
     for name, c in m.components.items():
         try:
             axes = default_axis_ranges(c.dynamic_axes(), height=d.height, width=d.width, downscale=latent.downscale,

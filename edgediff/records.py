@@ -14,6 +14,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -25,7 +26,7 @@ class FieldError(ValueError):
         self.where = where
 
 
-def at_least(n: int) -> dict:
+def at_least(n: int) -> dict[str, int]:
     return {"min": n}
 
 
@@ -55,7 +56,7 @@ class FileEntry:
     fingerprint: str
 
     @classmethod
-    def of(cls, root, rel: str) -> FileEntry:
+    def of(cls, root: Path, rel: str) -> FileEntry:
         from .bundle import (  # the checksums live with the bundle's file checks
             fingerprint_file,
             sha256_file,
@@ -240,7 +241,7 @@ def _read_scalar(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"{where}: no reader for {tp!r}")  # a schema bug, not a bad manifest
 
 
-def _check_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+def _check_value(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
     minimum = f.metadata.get("min")
     if minimum is not None and value is not None and value < minimum:
         raise FieldError(where, f"{value!r} is below {minimum}")
@@ -252,7 +253,8 @@ def _check_value(f: dataclasses.Field, value: Any, where: str) -> Any:
 def to_json(record: Any) -> Any:
     """A record as JSON values: fields in order, tuples as lists, in-memory-only fields left out."""
     if dataclasses.is_dataclass(record):
-        out = {f.name: to_json(getattr(record, f.name)) for f in dataclasses.fields(record) if f.metadata.get("json", True)}
+        out = {f.name: to_json(getattr(record, f.name))
+               for f in dataclasses.fields(record) if f.metadata.get("json", True)}
         return {k: v for k, v in out.items() if not (k == "extra" and not v)}
     if isinstance(record, dict):
         return {k: to_json(v) for k, v in record.items()}

@@ -87,7 +87,9 @@ class _FellBack:
 def test_a_silent_fallback_to_the_cpu_is_an_error(monkeypatch):
     import onnxruntime
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     monkeypatch.setattr(ort_backend.graph_cache, "open_session", lambda *a, **k: _FellBack())
     with pytest.raises(BackendError, match="fell back to CPUExecutionProvider instead of CUDAExecutionProvider"):
         Pipeline.load(backend="cuda")
@@ -100,7 +102,9 @@ def test_missing_gpu_libraries_are_an_environment_error(monkeypatch):
         raise RuntimeError("Failed to load library libonnxruntime_providers_cuda.so with error: libcublasLt.so.12: "
                            "cannot open shared object file: No such file or directory")
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     monkeypatch.setattr(ort_backend.graph_cache, "open_session", fail)
     with pytest.raises(BackendError, match="CUDAExecutionProvider cannot start: .*libcublasLt") as e:
         Pipeline.load(backend="cuda")

@@ -51,9 +51,21 @@ def test_bench_json_and_chart_with_diffusers_and_a_missing_optimum(bundle, tmp_p
 
 
 def test_bench_low_memory_mode_renders(bundle, tmp_path):
-    r = CliRunner().invoke(main, [
-        "bench", str(bundle("sd1")), "--size", "32x32", "--runs", "1", "--memory", "low", "--json", str(tmp_path / "b.json"),
-    ])
+    r = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(bundle("sd1")),
+            "--size",
+            "32x32",
+            "--runs",
+            "1",
+            "--memory",
+            "low",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "b.json").read_text())
     assert record["settings"]["memory"] == "low" and record["engines"][0]["configs"][0]["median"]["total"] > 0

@@ -12,12 +12,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 from edgediff import Pipeline  # noqa: E402
 from edgediff.cli import main  # noqa: E402
-
-from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
-from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

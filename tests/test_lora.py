@@ -11,14 +11,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 from click.testing import CliRunner  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
+from conftest import H, W, diffusers_pipeline  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from edgediff import Pipeline  # noqa: E402
 from edgediff.cli import main  # noqa: E402
 from edgediff.export.convert import export_bundle  # noqa: E402
-
-from conftest import H, W, diffusers_pipeline  # noqa: E402
-from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 RANK = 4
 SCALE = 0.7
@@ -34,7 +33,9 @@ def _write_lora(pipeline_class, source, folder, encoders):
                                                       pipeline_class._optional_components else {}))
     torch.manual_seed(0)
     # lora_alpha = rank: the scale PEFT applies is then 1, whatever the file's metadata says
-    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
+    pipe.unet.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    )
     with torch.no_grad():
         for pname, p in pipe.unet.named_parameters():
             if "lora_" in pname:

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from edgediff import Pipeline  # noqa: E402
-
 from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
 from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
+
+from edgediff import Pipeline  # noqa: E402
 
 
 def _reference(checkpoint, family, scheduler_cls, spacing):
@@ -44,7 +44,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("family,scheduler,spacing,steps,guidance,sampler", CASES)
-def test_text_to_image_matches_diffusers_given_latents(bundle, checkpoint, family, scheduler, spacing, steps, guidance, sampler):
+def test_text_to_image_matches_diffusers_given_latents(
+    bundle, checkpoint, family, scheduler, spacing, steps, guidance, sampler
+):
     latents = torch.randn(len(PROMPTS), 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
     negative = {} if family == "lcm" else {"negative_prompt": NEGATIVES}
     ref = _reference(checkpoint, family, scheduler, spacing)(

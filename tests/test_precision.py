@@ -41,7 +41,10 @@ def test_int8_bundle_renders_close_to_fp32(int8_bundle, bundle):
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     precisions = {name: c["precision"] for name, c in manifest["components"].items()}
     assert precisions == {"text_encoder": "fp32", "unet": "int8", "vae_decoder": "int8", "vae_encoder": "fp32"}
-    assert manifest["provenance"]["calibration"]["samples"]["unet"] == {"calibration": 4, "gate": 2}  # 2 steps per prompt
+    assert manifest["provenance"]["calibration"]["samples"]["unet"] == {
+        "calibration": 4,
+        "gate": 2,
+    }  # 2 steps per prompt
     fp32, int8 = _render(bundle("sd1")), _render(int8_bundle)
     assert psnr_db(fp32, int8) >= INT8_MIN_PSNR_DB
     assert np.abs(fp32 - int8).max() > 1e-4  # it really is a different (quantized) graph

@@ -258,7 +258,7 @@ def test_img2img_tails_match_diffusers_begin_index():
         noise = torch.randn(SHAPE, generator=rng_t)
         timesteps = ref.timesteps[start * ref.order:]
         x = ref.add_noise(clean, noise, timesteps[:1])
-        for k, t in enumerate(timesteps):
+        for t in timesteps:
             x = ref.step(toy(ref.scale_model_input(x, t), t), t, x).prev_sample
         sched = schedules.build(SchedulerConfig(timestep_spacing=spacing), info.convention, schedule, 6)
         sched = sched.starting_at(start)

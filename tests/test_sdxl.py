@@ -12,13 +12,12 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from edgediff import Pipeline  # noqa: E402
 from edgediff.cli import main  # noqa: E402
-
-from conftest import NEGATIVES, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
-from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,8 @@ def pipes(bundle, checkpoint):
     return get
 
 
-def _latents(n=len(PROMPTS)):
+def _latents(n=None):
+    n = len(PROMPTS) if n is None else n
     return torch.randn(n, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
 
 
@@ -160,7 +160,8 @@ def test_int8_sdxl_bundle_renders_with_quantized_unet(checkpoint, tmp_path):
 
 def test_sdxl_image_to_image_matches_diffusers_by_seed(pipes, checkpoint):
     ours, _ = pipes("sdxl")
-    ref = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline", checkpoint("sdxl"), requires_aesthetics_score=False)
+    ref = diffusers_pipeline("StableDiffusionXLImg2ImgPipeline", checkpoint("sdxl"),
+                             requires_aesthetics_score=False)
     rng = np.random.default_rng(0)
     init = (rng.random((H, W, 3)) * 0.6 + np.linspace(0, 0.4, W)[None, :, None]) * 255
     image = Image.fromarray(init.round().astype(np.uint8))

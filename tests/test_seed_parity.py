@@ -15,14 +15,14 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from edgediff import Pipeline  # noqa: E402
-from edgediff.runtime.pipeline import RenderError  # noqa: E402
-
 # The contract is PIXEL_TOLERANCE (2e-3). Measured errors are below 1e-5, and these tiny random-weight models'
 # images move by only ~3e-4 when a quirk goes missing (DPM-Solver's rounding of Karras timesteps), so the tests hold
 # them to SEED_TOLERANCE (2e-4).
 from conftest import NEGATIVES, PIXEL_TOLERANCE, PROMPTS, H, W, diffusers_pipeline  # noqa: E402
 from conftest import SEED_TOLERANCE as TOLERANCE  # noqa: E402
+
+from edgediff import Pipeline  # noqa: E402
+from edgediff.runtime.pipeline import RenderError  # noqa: E402
 
 assert TOLERANCE <= PIXEL_TOLERANCE
 
@@ -59,7 +59,9 @@ def pipes(bundle, checkpoint):
             lcm = family == "lcm"
             cls = "LatentConsistencyModelPipeline" if lcm else "StableDiffusionPipeline"
             ref = diffusers_pipeline(cls, checkpoint(family), scheduler=None)
-            i2i_cls = diffusers.LatentConsistencyModelImg2ImgPipeline if lcm else diffusers.StableDiffusionImg2ImgPipeline
+            i2i_cls = (
+                diffusers.LatentConsistencyModelImg2ImgPipeline if lcm else diffusers.StableDiffusionImg2ImgPipeline
+            )
             i2i = i2i_cls.from_pipe(ref)
             i2i.set_progress_bar_config(disable=True)
             loaded[family] = (Pipeline.load(bundle(family)), ref, i2i, dict(ref.scheduler.config))

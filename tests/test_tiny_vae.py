@@ -8,12 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
+from conftest import H, W, diffusers_pipeline  # noqa: E402
+
 from edgediff import Pipeline  # noqa: E402
 from edgediff.export.checkpoint import SourceError  # noqa: E402
 from edgediff.export.convert import export_bundle  # noqa: E402
-
-from conftest import H, W, diffusers_pipeline  # noqa: E402
-from conftest import PIXEL_TOLERANCE as TOLERANCE  # noqa: E402
 
 
 def _tiny_vae(folder, latent_channels=4):

@@ -291,7 +291,8 @@ def test_speed(clip, tmp_path):
 
 
 def test_runtime_module_imports_no_torch_or_transformers():
-    code = "import sys, edgediff.runtime.tokenizers, edgediff.runtime.legacy_tokenizer; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = ("import sys, edgediff.runtime.tokenizers, edgediff.runtime.legacy_tokenizer; "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -99,8 +99,8 @@ def _unet(family: str):
 
 def build(family: str, out: Path, seed: int = 0) -> Path:
     """Build and save a tiny `family` pipeline into `out`; returns `out`."""
-    import torch
     import diffusers
+    import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

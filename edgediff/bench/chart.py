@@ -28,7 +28,12 @@ def draw_chart(record: dict, path: str | Path) -> None:
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     s = record["settings"]
-    draw.text((10, 10), f"edgediff bench: {s['width']}x{s['height']}, median of {s['runs']} runs (seconds)", fill="black", font=font)
+    draw.text(
+        (10, 10),
+        f"edgediff bench: {s['width']}x{s['height']}, median of {s['runs']} runs (seconds)",
+        fill="black",
+        font=font,
+    )
     x = 10
     for stage, colour in COLOURS.items():
         draw.rectangle([x, 32, x + 12, 44], fill=colour)

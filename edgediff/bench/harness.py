@@ -16,9 +16,10 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..bundle import read_manifest
+from ..runtime.graph_cache import cpu_features
 from . import worker
 from .flops import count_flops
 from .peak import measure_peak
@@ -58,12 +59,14 @@ class EngineProcess:
             [python, worker.__file__, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._log, text=True, env={**os.environ, "PYTHONPATH": _import_root()},
         )
+        assert self._proc.stdin is not None and self._proc.stdout is not None  # both are pipes
+        self._stdin, self._stdout = self._proc.stdin, self._proc.stdout
         ready = self._reply()
         self.load_s, self.versions = ready["load_s"], ready["versions"]
         self.peak_rss_bytes = ready["peak_rss_bytes"]
 
     def _reply(self) -> dict:
-        line = self._proc.stdout.readline()
+        line = self._stdout.readline()
         if not line:
             self._log.seek(0)
             tail = [t for t in self._log.read().strip().splitlines() if t.strip()][-1:] or ["no output"]
@@ -74,8 +77,8 @@ class EngineProcess:
         return reply
 
     def render(self, request: dict) -> dict:
-        self._proc.stdin.write(json.dumps(request) + "\n")
-        self._proc.stdin.flush()
+        self._stdin.write(json.dumps(request) + "\n")
+        self._stdin.flush()
         reply = self._reply()
         self.peak_rss_bytes = max(self.peak_rss_bytes, reply["peak_rss_bytes"])
         return reply["timings"]
@@ -83,8 +86,8 @@ class EngineProcess:
     def close(self) -> None:
         if self._proc.poll() is None:
             try:
-                self._proc.stdin.write('{"cmd": "quit"}\n')
-                self._proc.stdin.close()
+                self._stdin.write('{"cmd": "quit"}\n')
+                self._stdin.close()
                 self._proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 self._proc.kill()
@@ -103,13 +106,19 @@ def stage_times(t: dict) -> dict[str, float]:
     text = t.get("tokenize", 0.0) + t.get("text_encoder", 0.0)
     unet = sum(t.get("steps", []))
     vae = t.get("vae_decoder", 0.0)
-    return {"text": text, "unet": unet, "vae_decoder": vae, "other": t["total"] - text - unet - vae, "total": t["total"]}
+    return {
+        "text": text,
+        "unet": unet,
+        "vae_decoder": vae,
+        "other": t["total"] - text - unet - vae,
+        "total": t["total"],
+    }
 
 
 def summarize(renders: list[dict], batch: int) -> dict:
     per_stage = [stage_times(t) for t in renders]
     steps = [s for t in renders for s in t.get("steps", [])]
-    summary = {
+    summary: dict[str, Any] = {
         "median": {k: statistics.median(r[k] for r in per_stage) for k in STAGES},
         "min": {k: min(r[k] for r in per_stage) for k in STAGES},
         "max": {k: max(r[k] for r in per_stage) for k in STAGES},
@@ -123,13 +132,10 @@ def instruction_set() -> str:
     """The widest x86 vector instructions this CPU offers for ONNX Runtime's int8 and float kernels, as the
     CPUID that NumPy reads reports it (so an emulator's CPU model shows as that model): "avx512_vnni",
     "avx_vnni" (AVX2 with VNNI), "avx512", "avx2" or "baseline"."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # NumPy < 2
-        from numpy.core._multiarray_umath import __cpu_features__ as features
+    present = set(cpu_features())
     for name, flags in (("avx512_vnni", ("AVX512VNNI",)), ("avx_vnni", ("AVXVNNI",)), ("avx512", ("AVX512BW",)),
                         ("avx2", ("AVX2",))):
-        if all(features.get(f) for f in flags):
+        if all(f in present for f in flags):
             return name
     return "baseline"
 
@@ -139,7 +145,9 @@ def machine() -> dict:
             "instruction_set": instruction_set()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+        )
         info["avx512_vnni"] = "avx512_vnni" in cpuinfo
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["memory_bytes"] = int(mem) * 1024
@@ -174,7 +182,9 @@ def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tu
                 notes.append(f"optimum: not installed (no {s.optimum_python}; make it with "
                              "benchmarks/setup_optimum.sh); skipped")
             elif not (Path(model) / "model_index.json").is_file():
-                notes.append(f"optimum: no Optimum export at {model} (make it with benchmarks/setup_optimum.sh); skipped")
+                notes.append(
+                    f"optimum: no Optimum export at {model} (make it with benchmarks/setup_optimum.sh); skipped"
+                )
             else:
                 specs.append(("optimum", {"engine": "optimum", "model": str(model), "threads": s.threads,
                                           "spacing": spacing, "sampler": manifest.defaults.sampler},
@@ -205,7 +215,7 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
     for note in notes:
         progress(note)
     progress("measuring the machine's peak")
-    record = {"machine": machine(), "settings": {**asdict(s), "optimum_python": str(s.optimum_python),
+    record: dict[str, Any] = {"machine": machine(), "settings": {**asdict(s), "optimum_python": str(s.optimum_python),
               "optimum_model": str(s.optimum_model) if s.optimum_model else None},
               "peak": measure_peak(s.threads), "notes": notes, "engines": []}
     engines: list[EngineProcess] = []
@@ -214,15 +224,23 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
             progress(f"loading {label}")
             try:
                 engines.append(EngineProcess(label, {**spec, "sampler": manifest.defaults.sampler}, python))
-            except EngineError as e:
-                notes.append(f"{e}; skipped")
+            except EngineError as err:
+                notes.append(f"{err}; skipped")
                 progress(notes[-1])
-        results = {e.label: {"configs": []} for e in engines}
+        results: dict[str, dict[str, Any]] = {e.label: {"configs": []} for e in engines}
         first = True
         for steps in s.steps:
             for batch in s.batches:
-                request = {"prompt": s.prompt, "steps": steps, "guidance": guidance, "sampler": manifest.defaults.sampler,
-                           "height": s.height, "width": s.width, "batch": batch, "seed": 0}
+                request = {
+                    "prompt": s.prompt,
+                    "steps": steps,
+                    "guidance": guidance,
+                    "sampler": manifest.defaults.sampler,
+                    "height": s.height,
+                    "width": s.width,
+                    "batch": batch,
+                    "seed": 0,
+                }
                 for e in engines:
                     progress(f"{e.label}: warm-up, {steps} steps, batch {batch}")
                     cold = e.render(request)
@@ -231,7 +249,7 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
                     for _ in range(s.warmup - 1):
                         e.render(request)
                 first = False
-                runs = {e.label: [] for e in engines}
+                runs: dict[str, list[dict[str, float]]] = {e.label: [] for e in engines}
                 for r in range(s.runs):
                     for e in engines:
                         progress(f"{e.label}: run {r + 1}/{s.runs}, {steps} steps, batch {batch}")
@@ -260,7 +278,11 @@ def _add_limits(entry: dict, bundle: Path, s: Settings, cfg: bool, peak: dict) -
         flops = _flops(bundle, config["batch"], s, cfg)
         config["flops"] = flops
         med = config["median"]
-        times = {"text_encoder": med["text"], "unet_step": config["unet_step_median"], "vae_decoder": med["vae_decoder"]}
+        times = {
+            "text_encoder": med["text"],
+            "unet_step": config["unet_step_median"],
+            "vae_decoder": med["vae_decoder"],
+        }
         fraction = {}
         for stage, n in flops.items():
             component = "unet" if stage == "unet_step" else stage

@@ -15,7 +15,8 @@ def format_report(record: dict) -> str:
         f"peak {peak['float32_gflops']:.0f} GFLOP/s float32, {int8} (threads: {peak['threads'] or 'default'})",
     ]
     lines += [f"note: {n}" for n in record.get("notes", [])]
-    header = f"{'engine':<28} {'config':<16} {'text':>8} {'unet':>8} {'step':>8} {'vae':>8} {'other':>8} {'total':>8} {'img/s':>7}"
+    header = (f"{'engine':<28} {'config':<16} {'text':>8} {'unet':>8} {'step':>8} {'vae':>8} {'other':>8} "
+              f"{'total':>8} {'img/s':>7}")
     lines += ["", "median seconds (min..max of total)", header, "-" * len(header)]
     for e in record["engines"]:
         for c in e["configs"]:
@@ -28,11 +29,15 @@ def format_report(record: dict) -> str:
             )
     lines += ["", f"{'engine':<28} {'load':>8} {'cold':>8} {'peak RSS':>10}"]
     for e in record["engines"]:
-        lines.append(f"{e['label'][:28]:<28} {e['load_s']:>7.2f}s {e.get('cold_s', 0):>7.2f}s {_gb(e['peak_rss_bytes']):>10}")
+        lines.append(
+            f"{e['label'][:28]:<28} {e['load_s']:>7.2f}s {e.get('cold_s', 0):>7.2f}s {_gb(e['peak_rss_bytes']):>10}"
+        )
     for e in record["engines"]:
         for c in e["configs"]:
             if "fraction_of_peak" in c:
-                parts = ", ".join(f"{k} {v * 100:.0f}% ({c['flops'][k] / 1e12:.3f} TFLOP)" for k, v in c["fraction_of_peak"].items())
+                parts = ", ".join(
+                    f"{k} {v * 100:.0f}% ({c['flops'][k] / 1e12:.3f} TFLOP)" for k, v in c["fraction_of_peak"].items()
+                )
                 lines.append(f"{e['label']} {c['steps']} st, b{c['batch']}: fraction of peak: {parts}")
         for other, per_config in e.get("time_ratio_to", {}).items():
             for c, r, pairs in zip(e["configs"], per_config, e["pair_ratios_to"][other]):

@@ -15,6 +15,7 @@ import json
 import resource
 import sys
 import time
+from typing import Any
 
 
 def peak_rss_bytes() -> int:
@@ -22,7 +23,7 @@ def peak_rss_bytes() -> int:
 
 
 # Peers run the sampler edgediff's bundle names, through diffusers' own scheduler classes.
-DIFFUSERS_SCHEDULERS = {
+DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),

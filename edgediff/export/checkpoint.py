@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ class Checkpoint:
     text_config_2: dict | None = None  # SDXL's second encoder (OpenCLIP-bigG, with projection)
 
     @classmethod
-    def open(cls, src: str | Path) -> Checkpoint:
+    def open(cls, src: str | os.PathLike[str]) -> Checkpoint:
         root = Path(src)
         if root.is_file():
             raise SourceError(f"{src}: a single file; export_bundle converts single-file checkpoints first")
@@ -233,9 +234,19 @@ class Checkpoint:
                 return (TextEncoder(),)
             return (TextEncoder(output="hidden_state", layer=-(clip_skip + 1), clip_skip=clip_skip),)
         return tuple(
-            TextEncoder(component=name, tokenizer=tok, output="hidden_state", layer=-(clip_skip + 2),
-                        final_layer_norm=False, clip_skip=clip_skip, pooled_output=pooled)
-            for name, tok, pooled in (("text_encoder", "tokenizer", None), ("text_encoder_2", "tokenizer_2", "text_embeds"))
+            TextEncoder(
+                component=name,
+                tokenizer=tok,
+                output="hidden_state",
+                layer=-(clip_skip + 2),
+                final_layer_norm=False,
+                clip_skip=clip_skip,
+                pooled_output=pooled,
+            )
+            for name, tok, pooled in (
+                ("text_encoder", "tokenizer", None),
+                ("text_encoder_2", "tokenizer_2", "text_embeds"),
+            )
         )
 
     @property

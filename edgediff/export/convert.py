@@ -28,7 +28,7 @@ from ..bundle import (
 from . import PRECISIONS, specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
-from .lora import check_components, fuse, parse_lora_arg, read_lora
+from .lora import Lora, check_components, fuse, parse_lora_arg, read_lora
 from .onnx import DEFAULT_OPSET, check_against_torch, export_component, reference_outputs
 from .precision import convert_component
 from .tokenizer import TOKENIZER_FILE, save_canonical_tokenizer
@@ -83,7 +83,14 @@ def _gate_shapes(ck: Checkpoint) -> tuple[dict[str, int], list[dict[str, int]]]:
 
     def dims(batch, seq, lh, lw):
         f = ck.latent.downscale
-        return {"batch": batch, "sequence": seq, "latent_height": lh, "latent_width": lw, "height": lh * f, "width": lw * f}
+        return {
+            "batch": batch,
+            "sequence": seq,
+            "latent_height": lh,
+            "latent_width": lw,
+            "height": lh * f,
+            "width": lw * f,
+        }
 
     return dims(2, 77, 2 * k, 3 * k), [dims(1, 77, k, k), dims(3, 16, 3 * k, 2 * k)]
 
@@ -115,7 +122,7 @@ class ExportOptions:
     opset: int
     precision: str
     calibration: Calibration | None
-    loras: tuple  # LoRA files read and checked, fused in order
+    loras: tuple[Lora, ...]  # LoRA files read and checked, fused in order
     allow_pickle: bool
     tiny_vae: str | os.PathLike | None
     clip_skip: int
@@ -174,7 +181,9 @@ def _load_tiny_vae(folder, ck: Checkpoint):
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise SourceError(f"{folder}: not an AutoencoderTiny folder (no config.json); pass e.g. a saved madebyollin/taesd")
+        raise SourceError(
+            f"{folder}: not an AutoencoderTiny folder (no config.json); pass e.g. a saved madebyollin/taesd"
+        )
     module = diffusers.AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).eval()
     if module.config.latent_channels != ck.latent.channels:
         raise SourceError(f"{folder}: a tiny VAE for {module.config.latent_channels}-channel latents; this model's "
@@ -260,8 +269,8 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
         )
         write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
         if asked.precision != "fp32":
-            manifest = _convert(tmp, manifest, asked.precision, ck, component_specs, gate_dims, asked.calibration, proven,
-                                keep)
+            manifest = _convert(tmp, manifest, asked.precision, ck, component_specs, gate_dims, asked.calibration,
+                                proven, keep)
             write_manifest(tmp, manifest)
     return manifest
 

@@ -15,6 +15,7 @@ A LoRA none of whose layers exist in the model, or whose layers exist with other
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _metadata_alphas(metadata: dict) -> dict[str, float]:
     return {k.split(".")[0]: float(v) for k, v in config.items() if k.endswith(".lora_alpha")}
 
 
-def check_components(loras: list[Lora], components: set[str]) -> None:
+def check_components(loras: Sequence[Lora], components: set[str]) -> None:
     """Refuse, before anything is exported, a LoRA for components this pipeline does not have (SDXL's te2)."""
     for lora in loras:
         extra = sorted(set(lora.layers) - components)
@@ -115,7 +116,7 @@ def check_components(loras: list[Lora], components: set[str]) -> None:
                               "it is a LoRA for another architecture")
 
 
-def fuse(module, component: str, loras: list[Lora]) -> None:
+def fuse(module, component: str, loras: Sequence[Lora]) -> None:
     """Add every LoRA's layers for `component` into `module`'s weights, in place."""
     import torch
 

@@ -110,6 +110,7 @@ def _nbytes(tensor: onnx.TensorProto, source: Path | None) -> int:
         return len(tensor.raw_data)
     if "length" in info:
         return int(info["length"])
+    assert source is not None, "an external tensor needs its graph's folder"
     return (Path(source) / info["location"]).stat().st_size - int(info.get("offset", 0))  # torch's per-tensor files
 
 
@@ -156,6 +157,7 @@ def _copy_tensor_data(tensor: onnx.TensorProto, source: Path | None, out) -> Non
     if info is None:
         out.write(tensor.raw_data)
         return
+    assert source is not None, "an external tensor needs its graph's folder"
     with open(Path(source) / info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)))
         left = int(info["length"]) if "length" in info else None

@@ -36,7 +36,9 @@ def fp16_islands(component: str, model: onnx.ModelProto, *, upcast_attention: bo
     return [op for op in islands if op in present]
 
 
-def convert_fp16(component: str, path: Path, *, upcast_attention: bool = False) -> tuple[list[Path], SessionOptions, Conversion]:
+def convert_fp16(
+    component: str, path: Path, *, upcast_attention: bool = False
+) -> tuple[list[Path], SessionOptions, Conversion]:
     """Rewrite the fp32 graph at `path` as fp16 in place (fp32 inputs and outputs, fp32 islands).
 
     Returns the files written, the ONNX Runtime options, and what the manifest records about the conversion."""

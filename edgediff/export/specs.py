@@ -142,7 +142,9 @@ def _randn(shape, g):
     return torch.randn(*shape, generator=g)
 
 
-def text_encoder_spec(model, name: str = "text_encoder", layer: int = -1, final_layer_norm: bool = True) -> ComponentSpec:
+def text_encoder_spec(
+    model, name: str = "text_encoder", layer: int = -1, final_layer_norm: bool = True
+) -> ComponentSpec:
     """`layer` and `final_layer_norm` choose the hidden state the graph outputs (see _TextEncoder); the output is
     called last_hidden_state only when it is that, else hidden_state."""
     cfg = model.config
@@ -215,11 +217,17 @@ def vae_decoder_spec(vae) -> ComponentSpec:
     cfg = vae.config
 
     def sample(dims, g):
-        return {"latent_sample": _randn((dims["batch"], cfg.latent_channels, dims["latent_height"], dims["latent_width"]), g)}
+        return {
+            "latent_sample": _randn(
+                (dims["batch"], cfg.latent_channels, dims["latent_height"], dims["latent_width"]), g
+            )
+        }
 
     return ComponentSpec(
         name="vae_decoder",
-        inputs=(TensorSpec("latent_sample", "float32", ("batch", cfg.latent_channels, "latent_height", "latent_width")),),
+        inputs=(
+            TensorSpec("latent_sample", "float32", ("batch", cfg.latent_channels, "latent_height", "latent_width")),
+        ),
         outputs=(TensorSpec("sample", "float32", ("batch", cfg.out_channels, "height", "width")),),
         wrap=_VaeDecoder,
         sample=sample,
@@ -230,13 +238,17 @@ def vae_encoder_spec(vae) -> ComponentSpec:
     cfg = vae.config
 
     def sample(dims, g):
-        return {"sample": torch.rand(dims["batch"], cfg.in_channels, dims["height"], dims["width"], generator=g) * 2 - 1}
+        return {
+            "sample": torch.rand(dims["batch"], cfg.in_channels, dims["height"], dims["width"], generator=g) * 2 - 1
+        }
 
     return ComponentSpec(
         name="vae_encoder",
         inputs=(TensorSpec("sample", "float32", ("batch", cfg.in_channels, "height", "width")),),
         outputs=(
-            TensorSpec("latent_parameters", "float32", ("batch", 2 * cfg.latent_channels, "latent_height", "latent_width")),
+            TensorSpec(
+                "latent_parameters", "float32", ("batch", 2 * cfg.latent_channels, "latent_height", "latent_width")
+            ),
         ),
         wrap=_VaeEncoder,
         sample=sample,

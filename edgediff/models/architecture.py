@@ -245,7 +245,7 @@ def scheduler_config() -> dict:
         set_alpha_to_one=True,
         clip_sample=False,
     )
-    return dict(scheduler.config)
+    return dict(scheduler.config)  # type: ignore[attr-defined]  # set by diffusers' register_to_config
 
 
 def save_pipeline(folder: Path, text_encoder, unet, vae, *, teacher: bool = False) -> Path:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_file
 
@@ -33,7 +34,7 @@ def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[d
 def save(path: Path, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
          extra: dict | None = None) -> None:
     tensors: dict[str, torch.Tensor] = {}
-    meta = {"step": step, "optimizers": {}, "extra": extra or {}}
+    meta: dict[str, Any] = {"step": step, "optimizers": {}, "extra": extra or {}}
     for name, module in modules.items():
         tensors.update(_module_tensors(f"module/{name}", module))
     for name, optimizer in optimizers.items():

@@ -137,8 +137,8 @@ def detect(image: np.ndarray | Image.Image) -> list[Detection]:
 
     min_area = MIN_AREA_FRACTION * rgb.shape[0] * rgb.shape[1]
     detections = []
-    for colour, blob in _merge_fragments(blobs):
-        detection = _measure(colour, blob, chroma_vectors)
+    for palette_index, blob in _merge_fragments(blobs):
+        detection = _measure(palette_index, blob, chroma_vectors)
         if detection is not None and detection.area >= min_area:
             detections.append(detection)
     return sorted(detections, key=lambda d: -d.area)

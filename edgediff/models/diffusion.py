@@ -89,5 +89,5 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
     for t, s in zip(target.parameters(), source.parameters()):
         t.lerp_(s, 1.0 - decay)
-    for t, s in zip(target.buffers(), source.buffers()):
-        t.copy_(s)
+    for buffer, value in zip(target.buffers(), source.buffers()):
+        buffer.copy_(value)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ def solve(text_encoder, teacher, ids: np.ndarray, noise: torch.Tensor, w: torch.
     uncond = text_encoder(input_ids=torch.from_numpy(data.null_tokens()[None])).last_hidden_state.expand_as(hidden)
     scale = w.view(-1, 1, 1, 1)
     x = noise
-    states = [None] * solver.segments
+    states: list[Any] = [None] * solver.segments  # every slot is filled below
     for n in reversed(range(solver.segments)):
         states[n] = x
         index = torch.full((len(x),), n)
@@ -89,7 +90,7 @@ def make_pool(path: Path, text_encoder, teacher, ds: data.Dataset, seed: int, n:
             progress(chunk + b, n)
     pool = {k: np.concatenate(v) for k, v in parts.items()}
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, settings=settings, **pool)
+        np.savez(f, settings=settings, **pool)  # type: ignore[arg-type]  # numpy's stub: **pool could be allow_pickle
     return pool
 
 

@@ -72,8 +72,9 @@ def _save(image: np.ndarray, path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("prompt", text)
-    Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)).resize((128, 128), Image.NEAREST).save(
-        path, pnginfo=info)
+    Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)).resize(
+        (128, 128), Image.Resampling.NEAREST
+    ).save(path, pnginfo=info)
 
 
 def table(scores: list[Score]) -> str:

@@ -37,7 +37,7 @@ def grid(pipeline, prompts=PROMPTS, seeds=(0, 1, 2, 3), scale: int = 4, steps: i
         for col, seed in enumerate(seeds):
             image = pipeline(prompt, seed=seed, num_inference_steps=steps, output_type="np").images[0]
             tile = Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
-            canvas.paste(tile.resize((side, side), Image.NEAREST), (LABEL_WIDTH + col * cell, y))
+            canvas.paste(tile.resize((side, side), Image.Resampling.NEAREST), (LABEL_WIDTH + col * cell, y))
     return canvas
 
 

@@ -60,7 +60,9 @@ class ThreadTuner:
             if len(self.probe) >= self.PROBE or seconds > 3 * usual:  # a hopeless probe stops early
                 trial = float(np.median(self.probe))
                 if trial < usual:
-                    self.log(f"threads {self.current} -> {torch.get_num_threads()} ({trial:.2f} s a step, was {usual:.2f})")
+                    self.log(
+                        f"threads {self.current} -> {torch.get_num_threads()} ({trial:.2f} s a step, was {usual:.2f})"
+                    )
                     self.current, self.recent = torch.get_num_threads(), [trial]
                 torch.set_num_threads(self.current)
                 self.probe, self.since = [], 0
@@ -89,7 +91,9 @@ class Loop:
         start = 0
         if self.state_path.is_file():
             if not resume:
-                raise SystemExit(f"{self.state_path} holds an interrupted {self.name} stage; pass --resume to continue it")
+                raise SystemExit(
+                    f"{self.state_path} holds an interrupted {self.name} stage; pass --resume to continue it"
+                )
             start = checkpoints.load(self.state_path, self.modules, self.optimizers)["step"]
             print(f"[{self.name}] resuming at step {start}/{self.steps}", flush=True)
         from tqdm import tqdm
@@ -175,7 +179,9 @@ def reconstruction_check(vae, seed: int, n: int = 300) -> dict[str, float]:
     from .detector import check
     from .shapes import make_dataset
 
-    images, _, scenes = make_dataset(n, seed + 999_331, size=arch.IMAGE_SIZE, two_object_fraction=data.TWO_OBJECT_FRACTION)
+    images, _, scenes = make_dataset(
+        n, seed + 999_331, size=arch.IMAGE_SIZE, two_object_fraction=data.TWO_OBJECT_FRACTION
+    )
     vae.eval()
     decoded = vae.decode(vae.encode(_pixels(images)).latent_dist.mean).sample
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()

@@ -185,7 +185,9 @@ class Run:
         from transformers import CLIPTextModel
 
         folder = self.out / "teacher"
-        return CLIPTextModel.from_pretrained(folder / "text_encoder"), UNet2DConditionModel.from_pretrained(folder / "unet")
+        return CLIPTextModel.from_pretrained(folder / "text_encoder"), UNet2DConditionModel.from_pretrained(
+            folder / "unet"
+        )
 
     def stage_distill(self) -> None:
         from . import architecture as arch
@@ -232,7 +234,9 @@ class Run:
             arch.save_pipeline(tmp, text_encoder, unet, AutoencoderKL.from_pretrained(self.out / "vae"),
                                teacher=teacher)
         precision = self.args.precision
-        default = self.out / ("bundle-teacher" if teacher else "bundle" if precision == "fp32" else f"bundle-{precision}")
+        default = self.out / (
+            "bundle-teacher" if teacher else "bundle" if precision == "fp32" else f"bundle-{precision}"
+        )
         bundle = default if teacher else (self.args.bundle_out or default)
         # int8 ranges come from renders of the model's own grammar, not the exporter's photographic prompts.
         calibration = Calibration(prompts=tuple(prompts("one", 4, 7) + prompts("two", 8, 7)), held_out=2)

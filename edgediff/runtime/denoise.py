@@ -24,7 +24,7 @@ Model = Callable[[np.ndarray, np.ndarray], np.ndarray]
 def to_x0(prediction: np.ndarray, x: np.ndarray, sigma: float, prediction_type: str) -> np.ndarray:
     """Sigma-space x0 from the model's prediction at noise level sigma (flow: at flow time sigma)."""
     if prediction_type in ("epsilon", "flow"):  # x - sigma * eps; x - t * v
-        x0 = prediction * np.float32(-sigma)
+        x0: np.ndarray = prediction * np.float32(-sigma)
         x0 += x
         return x0
     if prediction_type == "v_prediction":
@@ -71,7 +71,8 @@ def make_denoiser(
         raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     cfg = guidance_scale is not None
     flow = prediction_type == "flow"
-    inputs: dict[tuple, np.ndarray] = {}  # the model's input buffer, reused every step (the session copies it)
+    # the model's input buffer per shape, reused every step (the session copies it)
+    inputs: dict[tuple[int, ...], np.ndarray] = {}
 
     def denoise(x: np.ndarray, sigma: float) -> np.ndarray:
         t = timestep_for(sigma)

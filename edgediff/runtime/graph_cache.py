@@ -15,10 +15,12 @@ EDGEDIFF_GRAPH_CACHE=off to load every time from the exported graph. Only CPU se
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import platform
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..atomic import atomic_folder
 from ..bundle import FileEntry
@@ -33,14 +35,13 @@ def enabled() -> bool:
 
 def cpu_features() -> list[str]:
     """The vector extensions this process can use, as NumPy's runtime dispatch detected them ([] if unknown)."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # NumPy 1.x
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # NumPy 2, NumPy 1.x
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features
-        except ImportError:
-            return []
-    return sorted(name for name, present in features.items() if present)
+            features: dict[str, bool] = importlib.import_module(module).__cpu_features__
+        except (ImportError, AttributeError):
+            continue
+        return sorted(name for name, present in features.items() if present)
+    return []
 
 
 def cache_key(ort_version: str, files: tuple[FileEntry, ...]) -> str | None:
@@ -63,7 +64,9 @@ def candidate_folders(source: Path, key: str) -> list[Path]:
     return [source.parent / CACHE_FOLDER / key, user_cache_root() / key]
 
 
-def open_session(ort, source: Path, files: tuple[FileEntry, ...], options, providers: list, cache: bool):
+# onnxruntime has no type stubs: its module, SessionOptions and InferenceSession are Any here
+def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: Any, providers: list[Any],
+                 cache: bool) -> Any:
     """An InferenceSession on `source` at `options`' level; through the cache if `cache` (the manifest's
     `cache_optimized_graph`), the level is "all" and the session runs on the CPU alone. `providers` are names or
     (name, options) pairs, as onnxruntime takes them.
@@ -106,7 +109,7 @@ def open_session(ort, source: Path, files: tuple[FileEntry, ...], options, provi
     return ort.InferenceSession(os.fspath(source), options, providers=providers)
 
 
-def _save_optimized_to(options, folder: Path, source: Path, files: tuple[FileEntry, ...]) -> None:
+def _save_optimized_to(options: Any, folder: Path, source: Path, files: tuple[FileEntry, ...]) -> None:
     options.optimized_model_filepath = os.fspath(folder / source.name)
     if any(f.path.endswith(".data") for f in files):
         options.add_session_config_entry(

@@ -10,6 +10,9 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..atomic import atomic_file
 
+# an init image: a path, a PIL image, or an (H, W, 3) array in 0..1
+ImageSource = str | os.PathLike[str] | Image.Image | np.ndarray
+
 
 class ImageInputError(ValueError):
     """An init image that cannot be used."""
@@ -17,14 +20,15 @@ class ImageInputError(ValueError):
 
 def decoded_to_unit(sample: np.ndarray) -> np.ndarray:
     """VAE output (N, 3, H, W) in about -1..1 -> (N, H, W, 3) float32 in 0..1, as diffusers post-processes."""
-    return np.clip(sample / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32, copy=False)
+    unit: np.ndarray = np.clip(sample / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32, copy=False)
+    return unit
 
 
 def unit_to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+def load_image(source: ImageSource) -> Image.Image:
     """An init image from a path, a PIL image or an (H, W, 3) array in 0..1; ImageInputError if unreadable."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
@@ -34,7 +38,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         return unit_to_pil(source[None].astype(np.float32))[0]
     try:
         with Image.open(source) as im:
-            return im.convert("RGB")
+            rgb: Image.Image = im.convert("RGB")  # Image.open's context manager is untyped
+            return rgb
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise ImageInputError(f"{source}: cannot read the init image ({e})") from None
 
@@ -44,10 +49,11 @@ def pil_to_vae_input(image: Image.Image, width: int, height: int) -> np.ndarray:
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     arr = np.asarray(image, dtype=np.float32) / 255.0
-    return (arr * 2 - 1).transpose(2, 0, 1)[None].copy()
+    sample: np.ndarray = (arr * 2 - 1).transpose(2, 0, 1)[None].copy()
+    return sample
 
 
-def write_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+def write_png(image: Image.Image, path: str | os.PathLike[str], parameters: str) -> None:
     """Write a PNG carrying the generation parameters in a `parameters` text chunk (as A1111-style tools read),
     in place: for a path that atomic_file / atomic_files handed out."""
     info = PngImagePlugin.PngInfo()
@@ -55,7 +61,7 @@ def write_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> N
     image.save(Path(path), format="PNG", pnginfo=info)
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> None:
+def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str) -> None:
     """write_png through a temporary file: a failed write leaves an existing PNG at `path` as it was."""
     with atomic_file(path) as tmp:
         write_png(image, tmp, parameters)

@@ -130,7 +130,7 @@ def _read_special_tokens(folder: Path) -> tuple[dict[str, Any], list[AddedToken]
         for key, value in _read_json(folder / "special_tokens_map.json").items():
             if key in SPECIAL_TOKEN_KEYS and value:
                 special[key] = _config_token({**value, "special": True} if isinstance(value, dict) else value)
-    extra = [_config_token(props) for _, props in sorted((decoder or {}).items(), key=lambda item: int(item[0]))]
+    extra = [_added_token(props) for _, props in sorted((decoder or {}).items(), key=lambda item: int(item[0]))]
     by_content = {token.content: token for token in extra}
     special = {key: by_content.get(_content(value), value) for key, value in special.items()}
     return special, extra, config
@@ -165,8 +165,11 @@ def _register_special_tokens(tokenizer: Tokenizer, extra: list[AddedToken], spec
 
 def _config_token(value: Any) -> str | AddedToken:
     """A token as a config spells it: a string, or a dict of AddedToken fields (with or without "__type")."""
-    if isinstance(value, str):
-        return value
+    return value if isinstance(value, str) else _added_token(value)
+
+
+def _added_token(value: Any) -> AddedToken:
+    """An AddedToken from a dict of its fields (with or without "__type"), as `added_tokens_decoder` holds them."""
     if not isinstance(value, dict) or not isinstance(value.get("content"), str):
         raise ValueError(f"a special token must be a string or an AddedToken object, found {value!r}")
     flags = ("single_word", "lstrip", "rstrip", "normalized", "special")

@@ -168,7 +168,10 @@ class NumpyNoise:
         return self._rng.standard_normal(_shape_tuple(shape), dtype=np.float32)
 
 
-def make_noise(seed: int, kind: str = "torch") -> TorchNoise | NumpyNoise:
+NoiseSource = TorchNoise | NumpyNoise
+
+
+def make_noise(seed: int, kind: str = "torch") -> NoiseSource:
     """A noise source for ``seed``: ``"torch"`` for diffusers parity, ``"numpy"`` for NumPy's own generator."""
     if kind == "torch":
         return TorchNoise(seed)

@@ -12,31 +12,36 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 from ..bundle import BundleError, Component, Manifest, load_manifest
 from .backends import open_session
 from .denoise import make_denoiser
 from .families import Conditioning, family_for
-from .images import decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
-from .noise import make_noise
+from .images import ImageSource, decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
+from .noise import NoiseSource, make_noise
 from .plan import OUTPUT_TYPES, RenderError, RenderPlan, build_schedule, make_plan, sampler_settings
 from .sampler_catalogue import SAMPLERS
+from .samplers import Noise
+from .schedules import Schedule
 from .sessions import Session, SessionSettings
 from .timing import StageTimer
 
 MEMORY_MODES = ("normal", "low")
 # (component name, its manifest record) -> a session; the default opens it through the backend registry
 SessionFactory = Callable[[str, Component], Session]
+# (step, steps, latents) -> False to stop the render
+StepCallback = Callable[[int, int, np.ndarray], "bool | None"]
 
 __all__ = ["MEMORY_MODES", "Pipeline", "PipelineOutput", "RenderError", "RenderPlan", "SessionFactory"]
 
 
 @dataclass
 class PipelineOutput:
-    images: list | np.ndarray  # PIL images, or (N, H, W, 3) float32 in 0..1 with output_type="np"
+    images: list[Image.Image] | np.ndarray  # PIL images, or (N, H, W, 3) float32 in 0..1 with output_type="np"
     timings: dict[str, float | list[float]]  # seconds per stage
     warnings: list[str] = field(default_factory=list)  # truncated prompts, unknown words
     interrupted: bool = False  # a callback stopped the render early
@@ -49,7 +54,7 @@ class Pipeline:
     """A loaded bundle, ready to render. Use `Pipeline.load(path)`."""
 
     def __init__(self, root: Path, manifest: Manifest, *, backend: str = "cpu", threads: int | None = None,
-                 memory: str = "normal", session_factory: SessionFactory | None = None):
+                 memory: str = "normal", session_factory: SessionFactory | None = None) -> None:
         """`session_factory(name, component)` opens each component's session; by default the registry's
         `backend` does, with `threads` and the memory mode's settings."""
         if memory not in MEMORY_MODES:
@@ -67,7 +72,7 @@ class Pipeline:
                 self.session(name)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, *, backend: str = "cpu", threads: int | None = None,
+    def load(cls, path: str | os.PathLike[str] | None = None, *, backend: str = "cpu", threads: int | None = None,
              memory: str = "normal", verify: bool = False, session_factory: SessionFactory | None = None
              ) -> Pipeline:
         """Load a bundle folder, or the built-in model when `path` is None (checks every file's size and
@@ -98,7 +103,7 @@ class Pipeline:
             self._sessions[name] = self._open(name, component)
         return self._sessions[name]
 
-    def plan(self, *, image=None, **choices) -> RenderPlan:
+    def plan(self, *, image: Image.Image | None = None, **choices: Any) -> RenderPlan:
         """The render `__call__` would run with these arguments (`make_plan`'s), resolved and checked; with an
         init image and no size, the image's own size rounded down to what the model takes."""
         if image is not None and choices.get("height") is None and choices.get("width") is None:
@@ -120,9 +125,9 @@ class Pipeline:
         seed: int | None = 0,
         latents: np.ndarray | None = None,
         sampler: str | None = None,
-        image=None,
+        image: ImageSource | None = None,
         strength: float = 0.8,
-        callback: Callable[[int, int, np.ndarray], bool | None] | None = None,
+        callback: StepCallback | None = None,
         output_type: str = "pil",
         noise: str = "torch",
         schedule: str | None = None,
@@ -151,21 +156,24 @@ class Pipeline:
         out = images if output_type == "np" else unit_to_pil(images)
         return PipelineOutput(out, timer.total(), warnings, interrupted, plan)
 
-    def _initial_latents(self, plan: RenderPlan, batch: int, init_noise_sigma: float, init_image,
-                         latents: np.ndarray | None, rng, timer: StageTimer) -> np.ndarray:
+    def _initial_latents(self, plan: RenderPlan, batch: int, init_noise_sigma: float, init_image: Image.Image | None,
+                         latents: np.ndarray | None, rng: NoiseSource, timer: StageTimer) -> np.ndarray:
         """Unit noise (or the caller's `latents`) scaled to the schedule's first sigma; for img2img, added to the
         init image's latents."""
         shape = self.family.latent_shape(batch, plan.height, plan.width)
+        x: np.ndarray
         if init_image is None:
-            return (_initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
+            x = (_initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
+            return x
         t = time.perf_counter()
         clean = self.encode_image(init_image, plan.width, plan.height, rng.randn)  # draws first, as diffusers
         clean = np.repeat(clean, batch // clean.shape[0], axis=0)
         timer.stage("vae_encoder", t)
-        return (clean + _initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
+        x = (clean + _initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
+        return x
 
-    def _loop(self, x: np.ndarray, conditioning: Conditioning, plan: RenderPlan, sched, rng, callback,
-              timer: StageTimer) -> tuple[np.ndarray, bool]:
+    def _loop(self, x: np.ndarray, conditioning: Conditioning, plan: RenderPlan, sched: Schedule, rng: NoiseSource,
+              callback: StepCallback | None, timer: StageTimer) -> tuple[np.ndarray, bool]:
         """The sampler over the schedule; returns the final latents and whether a callback stopped it."""
         info = SAMPLERS[plan.sampler]
         options = sampler_settings(self.manifest, plan)  # DDIM's eta and clip_sample
@@ -177,7 +185,7 @@ class Pipeline:
             clip_x0=options.denoiser_clip)
         total, interrupted, t = len(sched), False, time.perf_counter()
 
-        def on_step(i, x_now, x0):
+        def on_step(i: int, x_now: np.ndarray, x0: np.ndarray) -> bool | None:
             nonlocal t, interrupted
             t = timer.stage("steps", t)
             # the sampler's x is its working buffer, updated in place next step: the caller gets its own copy
@@ -194,14 +202,15 @@ class Pipeline:
 
     # --- the VAE ----------------------------------------------------------------------------------------------
 
-    def encode_image(self, image, width: int, height: int, noise) -> np.ndarray:
+    def encode_image(self, image: ImageSource, width: int, height: int, noise: Noise) -> np.ndarray:
         """Init image -> latents, sampled from the VAE's posterior with the render's own noise stream."""
         pixels = pil_to_vae_input(load_image(image), width, height)
         moments = self.session("vae_encoder")(sample=pixels)["latent_parameters"]
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = mean + std * noise(mean.shape)
-        return ((latents - self.manifest.latent.shift_factor) * self.manifest.latent.scaling_factor).astype(np.float32)
+        scaled: np.ndarray = (latents - self.manifest.latent.shift_factor) * self.manifest.latent.scaling_factor
+        return scaled.astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         lat = self.manifest.latent
@@ -209,7 +218,7 @@ class Pipeline:
         return decoded_to_unit(self.session("vae_decoder")(latent_sample=z)["sample"])
 
 
-def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng) -> np.ndarray:
+def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng: NoiseSource) -> np.ndarray:
     if latents is None:
         return rng.randn(shape)
     latents = np.asarray(latents, dtype=np.float32)

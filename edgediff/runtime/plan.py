@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, ParamSpec, TypeVar
 
 from ..bundle import Manifest
 from . import schedules
@@ -18,6 +19,9 @@ from .noise import NOISE_KINDS
 from .sampler_catalogue import SAMPLERS, SamplerInfo, SamplerOptions, resolve, sampler_options
 
 OUTPUT_TYPES = ("pil", "np")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class RenderError(ValueError):
@@ -110,20 +114,23 @@ def build_schedule(manifest: Manifest, plan: RenderPlan) -> schedules.Schedule:
     return sched.starting_at(0 if lcm else schedules.img2img_start(len(sched), strength))
 
 
-def _whole(what: str, value, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value != int(value) or value < least:
+def _finite_real(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _whole(what: str, value: Any, least: int) -> int:  # value: whatever the caller passed
+    if not _finite_real(value) or value != int(value) or value < least:
         raise RenderError(f"{what} must be at least {least} (a whole number), got {value!r}")
     return int(value)
 
 
-def _finite(what: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+def _finite(what: str, value: Any) -> float:
+    if not _finite_real(value):
         raise RenderError(f"{what} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _lookup(getter, *args, **kwargs):
+def _lookup(getter: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """The library's ValueError about a bad name or pair, as a RenderError (one line, exit code 2 at the CLI)."""
     try:
         return getter(*args, **kwargs)

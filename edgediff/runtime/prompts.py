@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 
 from ..bundle import Manifest
+from .sessions import Session
+from .timing import StageTimer
 from .tokenizers import ClipTokenizer, open_tokenizer
 
 
@@ -32,7 +34,8 @@ class Embeddings:
         return Embeddings(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
 
     def repeat(self, n: int) -> Embeddings:
-        return Embeddings(np.repeat(self.hidden, n, axis=0), None if self.pooled is None else np.repeat(self.pooled, n, axis=0))
+        pooled = None if self.pooled is None else np.repeat(self.pooled, n, axis=0)
+        return Embeddings(np.repeat(self.hidden, n, axis=0), pooled)
 
     def zeros_like(self) -> Embeddings:
         """SDXL's force_zeros_for_empty_prompt: no negative prompt means all-zero negative embeddings."""
@@ -50,7 +53,8 @@ class PromptEncoder:
             key: open_tokenizer(root / r.path, r.max_length, legacy=legacy) for key, r in records.items()
         }
 
-    def __call__(self, texts: list[str], session: Callable, warnings: list[str], timer) -> Embeddings:
+    def __call__(self, texts: list[str], session: Callable[[str], Session], warnings: list[str], timer: StageTimer
+                 ) -> Embeddings:
         hidden, pooled = [], None
         for i, encoder in enumerate(self.encoders):
             t = time.perf_counter()
@@ -68,7 +72,7 @@ class PromptEncoder:
 
 
 def _warn(tokenizer: ClipTokenizer, texts: list[str], dropped: list[str], warnings: list[str]) -> None:
-    for text, cut in zip(texts, dropped):
+    for cut in dropped:  # one per text
         if cut:
             warnings.append(f"prompt truncated to {tokenizer.max_length} tokens; dropped: {cut!r}")
     for text in texts:

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
+from ..bundle import SchedulerConfig
 from .samplers import (
     sample_ddim,
     sample_dpmpp_2m,
@@ -25,7 +28,7 @@ from .schedules import DISCRETE, SCHEDULES
 
 @dataclass(frozen=True)
 class SamplerInfo:
-    fn: Callable
+    fn: Callable[..., np.ndarray]  # samplers.py's signature, plus its own keyword options
     convention: str  # whose discretisation its schedules follow (schedules.build)
     schedules: tuple[str, ...]  # the schedules it runs on; the first is its default
     description: str
@@ -71,12 +74,12 @@ SAMPLERS: dict[str, SamplerInfo] = {
 class SamplerOptions:
     """What a render's eta and the scheduler's clip_sample ask of the sampler, the denoiser and the schedule."""
 
-    sampler: dict  # keyword arguments for the sampler function (ddim: eta, clip_x0)
+    sampler: dict[str, float]  # keyword arguments for the sampler function (ddim: eta, clip_x0)
     denoiser_clip: float | None = None  # clamp the denoiser's x0 (make_denoiser's clip_x0)
     gamma: float = 0.3  # TCD's eta: where each step lands below the next timestep, a property of its schedule
 
 
-def sampler_options(name: str, scheduler, eta: float | None = None) -> SamplerOptions:
+def sampler_options(name: str, scheduler: SchedulerConfig, eta: float | None = None) -> SamplerOptions:
     """The options for sampler `name` under `scheduler` (a SchedulerConfig, already `for_sampler(name)`) and the
     caller's eta (None: the sampler's default). An eta for a sampler that takes none is refused, not ignored."""
     info = sampler_info(name)
@@ -87,7 +90,7 @@ def sampler_options(name: str, scheduler, eta: float | None = None) -> SamplerOp
         raise ValueError(f"eta must be in [0, 1], got {eta:g}")
     eta = info.eta if eta is None else float(eta)
     clip = float(scheduler.clip_sample_range) if scheduler.clip_sample and info.clips else None
-    kwargs: dict = {}
+    kwargs: dict[str, float] = {}
     if info.clips == "step" and clip is not None:
         kwargs["clip_x0"] = clip
     if info.convention == "tcd":

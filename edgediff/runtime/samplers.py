@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-
 Denoise = Callable[[np.ndarray, float], np.ndarray]
 Noise = Callable[[tuple[int, ...]], np.ndarray]
 Callback = Callable[[int, np.ndarray, np.ndarray], "bool | None"]
@@ -42,7 +41,7 @@ def _toward(x: np.ndarray, x0: np.ndarray, ratio: float, buf: np.ndarray) -> Non
     x += buf
 
 
-def _landings(sigmas, targets) -> Iterator[tuple[int, float, float, float]]:
+def _landings(sigmas: np.ndarray, targets: np.ndarray | None) -> Iterator[tuple[int, float, float, float]]:
     """(i, sigma, the next sigma, where the step lands) for each step: `targets[i]` where a schedule lands a step
     off the next sigma (DDIM under trailing spacing, TCD), else the next sigma."""
     for i in range(len(sigmas) - 1):
@@ -58,7 +57,8 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return (sigma_to**2 - up**2) ** 0.5, up
 
 
-def sample_euler(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+def sample_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+                 noise: Noise | None = None, callback: Callback | None = None) -> np.ndarray:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, "Elucidating the Design Space of
     Diffusion-Based Generative Models", Algorithm 2 without churn)."""
     x = _working(x)
@@ -72,14 +72,16 @@ def sample_euler(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, cal
     return x
 
 
-def sample_flow_euler(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+def sample_flow_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+                      noise: Noise | None = None, callback: Callback | None = None) -> np.ndarray:
     """Euler over a rectified-flow schedule (Liu et al. 2023, "Flow Straight and Fast"; Esser et al. 2024,
     "Scaling Rectified Flow Transformers"): sigmas are flow times t in [0, 1] and x = (1 - t) x0 + t noise, so
     x + (t_next - t) * v is x + (x - x0) * (t_next - t) / t, Euler's own update over an x0-denoiser."""
     return sample_euler(denoise, x, sigmas, callback=callback)
 
 
-def sample_euler_a(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None):
+def sample_euler_a(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+                   noise: Noise, callback: Callback | None = None) -> np.ndarray:
     """Ancestral Euler (Song et al. 2021, "Score-Based Generative Modeling through SDEs"; k-diffusion's
     sample_euler_ancestral). Noise is drawn at every step, the last included, as diffusers does, so that a seed
     draws the same stream."""
@@ -99,7 +101,8 @@ def sample_euler_a(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callb
     return x
 
 
-def sample_heun(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+def sample_heun(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+                noise: Noise | None = None, callback: Callback | None = None) -> np.ndarray:
     """Heun's second-order method (Karras et al. 2022, Algorithm 1 without churn): an Euler step, then the slope
     at its end averaged in; the step to sigma 0 stays Euler. Two model calls a step but the last, as diffusers'
     HeunDiscreteScheduler with its doubled timesteps."""
@@ -128,8 +131,9 @@ def sample_heun(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, call
     return x
 
 
-def sample_ddim(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None,
-                targets=None, eta: float = 0.0, clip_x0: float | None = None):
+def sample_ddim(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, noise: Noise | None = None,
+                callback: Callback | None = None, targets: np.ndarray | None = None, eta: float = 0.0,
+                clip_x0: float | None = None) -> np.ndarray:
     """DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"). In sigma space its update
     x0 + sigma_to * eps is an Euler step to sigma_to; with eta > 0 its sigma_t(eta) noise is k-diffusion's ancestral
     split of that step (noise drawn every step, as diffusers does). Where diffusers lands a step off the next
@@ -168,21 +172,24 @@ def _two_step_x0(x0: np.ndarray, old: np.ndarray | None, h: float, h_last: float
     return out
 
 
-def sample_dpmpp_2m(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+                    noise: Noise | None = None, callback: Callback | None = None) -> np.ndarray:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models"), multistep, midpoint form; first order on the first step and on the step to sigma 0 (diffusers'
     lower_order_final with final_sigmas_type "zero")."""
     return _dpmpp_2m(denoise, x, sigmas, None, callback)
 
 
-def sample_dpmpp_2m_sde(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None):
+def sample_dpmpp_2m_sde(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+                        noise: Noise, callback: Callback | None = None) -> np.ndarray:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", the SDE variant; diffusers' "sde-dpmsolver++",
     midpoint): the 2M update with the noise term of the variance-preserving SDE. Noise is drawn every step, the
     last included, as diffusers does."""
     return _dpmpp_2m(denoise, x, sigmas, noise, callback)
 
 
-def _dpmpp_2m(denoise: Denoise, x, sigmas, noise: Noise | None, callback: Callback | None):
+def _dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, noise: Noise | None,
+              callback: Callback | None) -> np.ndarray:
     """The 2M loop: deterministic without `noise`, the SDE variant with it."""
     x = _working(x)
     buf = np.empty_like(x)
@@ -211,34 +218,39 @@ def _dpmpp_2m(denoise: Denoise, x, sigmas, noise: Noise | None, callback: Callba
     return x
 
 
-def _unipc_update(x, m0, sigma_s, sigma_t, *, m_prev=None, sigma_prev=None, m_t=None, corrector_order=1):
+def _unipc_update(x: np.ndarray, m0: np.ndarray, sigma_s: float, sigma_t: float, *, m_prev: np.ndarray | None = None,
+                  sigma_prev: float | None = None, m_t: np.ndarray | None = None, corrector_order: int = 1
+                  ) -> np.ndarray:
     """One UniPC (bh2, data prediction) update from sigma_s to sigma_t in sigma space. Without `m_t` it is the
     predictor UniP (second order with m_prev), with `m_t` the corrector UniC of the given order."""
     h = math.log(sigma_s / sigma_t)
     hh = -h
     phi1 = math.expm1(hh)  # also B(h) under bh2
-    out = x * np.float32(sigma_t / sigma_s)
+    out: np.ndarray = x * np.float32(sigma_t / sigma_s)
     out -= m0 * np.float32(phi1)
-    rk = math.log(sigma_s / sigma_prev) / h if m_prev is not None else None
     if m_t is None:
         if m_prev is not None:  # rho_p = 1/2
-            out -= (m_prev - m0) * np.float32(phi1 * 0.5 / rk)
+            assert sigma_prev is not None
+            out -= (m_prev - m0) * np.float32(phi1 * 0.5 / (math.log(sigma_s / sigma_prev) / h))
         return out
     if corrector_order == 1:
-        rho_prev, rho_t = 0.0, 0.5
+        rho_t = 0.5
     else:
+        assert m_prev is not None and sigma_prev is not None, "the second-order corrector needs the previous step"
+        rk = math.log(sigma_s / sigma_prev) / h
         phi_k = phi1 / hh - 1
         b1 = phi_k / phi1
         b2 = (phi_k / hh - 0.5) * 2 / phi1
         rho_prev = (b1 - b2) / (1 - rk)  # solves [[1, 1], [rk, 1]] rho = b
         rho_t = b1 - rho_prev
-    if rho_prev:
-        out -= (m_prev - m0) * np.float32(phi1 * rho_prev / rk)
+        if rho_prev:
+            out -= (m_prev - m0) * np.float32(phi1 * rho_prev / rk)
     out -= (m_t - m0) * np.float32(phi1 * rho_t)
     return out
 
 
-def sample_unipc(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, callback: Callback | None = None):
+def sample_unipc(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+                 noise: Noise | None = None, callback: Callback | None = None) -> np.ndarray:
     """UniPC, order 2, bh2 (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
     Diffusion Models"): each model call first corrects the previous step (UniC), then predicts the next (UniP);
     first order on the first and last steps, as diffusers' UniPCMultistepScheduler with lower_order_final."""
@@ -267,7 +279,8 @@ def sample_unipc(denoise: Denoise, x, sigmas, *, noise: Noise | None = None, cal
     return x
 
 
-def sample_lcm(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None):
+def sample_lcm(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+               noise: Noise, callback: Callback | None = None) -> np.ndarray:
     """Latent Consistency Model multi-step sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 1):
     jump to the consistency function's x0, then re-noise to the next sigma (no noise after the last step)."""
     for i in range(len(sigmas) - 1):
@@ -285,7 +298,8 @@ def sample_lcm(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback 
     return x
 
 
-def sample_tcd(denoise: Denoise, x, sigmas, *, noise: Noise, callback: Callback | None = None, targets=None):
+def sample_tcd(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
+               noise: Noise, callback: Callback | None = None, targets: np.ndarray | None = None) -> np.ndarray:
     """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, "Trajectory
     Consistency Distillation"): a DDIM step down to s = targets[i] (below the next sigma when gamma > 0), then
     fresh noise back up to the next sigma; the last step lands on its target without noise."""

@@ -79,7 +79,7 @@ def _torch_linspace(start: float, end: float, n: int) -> np.ndarray:
     start32, end32 = np.float32(start), np.float32(end)
     step = np.float64((end32 - start32) / np.float32(max(n - 1, 1)))
     i = np.arange(n)
-    points = np.where(i < n // 2, np.float64(start32) + step * i, np.float64(end32) - step * (n - 1 - i))
+    points: np.ndarray = np.where(i < n // 2, np.float64(start32) + step * i, np.float64(end32) - step * (n - 1 - i))
     return points.astype(np.float32)
 
 
@@ -111,14 +111,15 @@ def _rescale_zero_terminal_snr(cumprod: np.ndarray) -> np.ndarray:
     sqrt_ab = np.sqrt(cumprod.astype(np.float64))
     first, last = sqrt_ab[0], sqrt_ab[-1]
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    out = (sqrt_ab**2).astype(np.float32)
+    out: np.ndarray = (sqrt_ab**2).astype(np.float32)
     out[-1] = 2.0**-24
     return out
 
 
 def training_sigmas(cfg: SchedulerConfig) -> np.ndarray:
     ac = alphas_cumprod(cfg)
-    return ((1 - ac) / ac) ** 0.5
+    sigmas: np.ndarray = ((1 - ac) / ac) ** 0.5
+    return sigmas
 
 
 def sigma_to_t(sigmas: np.ndarray, log_train: np.ndarray) -> np.ndarray:
@@ -127,15 +128,17 @@ def sigma_to_t(sigmas: np.ndarray, log_train: np.ndarray) -> np.ndarray:
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
     dists = log_sigma - log_train[:, None]
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_train) - 2)
-    w = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
+    w: np.ndarray = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
+    t: np.ndarray = (1 - w) * low + w * (low + 1)
+    return t
 
 
 def _warped(sigma_max: float, sigma_min: float, steps: int, kind: str) -> np.ndarray:
     if kind == "karras":  # Karras et al. 2022, eq. 5, rho = 7
         ramp = np.linspace(0, 1, steps)
         lo, hi = sigma_min ** (1 / 7), sigma_max ** (1 / 7)
-        return (hi + ramp * (lo - hi)) ** 7
+        sigmas: np.ndarray = (hi + ramp * (lo - hi)) ** 7
+        return sigmas
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))
 
 
@@ -154,28 +157,34 @@ def _alpha_init(sigmas: np.ndarray) -> float:
 def discrete_timesteps(cfg: SchedulerConfig, steps: int, spacing: str) -> np.ndarray:
     """Euler-family timesteps (float32; linspace ones are fractional)."""
     n = cfg.num_train_timesteps
+    timesteps: np.ndarray
     if spacing == "linspace":
-        return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
-    if spacing == "leading":
-        return (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.float32) + cfg.steps_offset
-    if spacing == "trailing":
-        return np.arange(n, 0, -n / steps).round().astype(np.float32) - 1
-    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        timesteps = np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
+    elif spacing == "leading":
+        timesteps = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.float32) + cfg.steps_offset
+    elif spacing == "trailing":
+        timesteps = np.arange(n, 0, -n / steps).round().astype(np.float32) - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return timesteps
 
 
 def _integer_timesteps(cfg: SchedulerConfig, steps: int, spacing: str, *, multistep: bool) -> np.ndarray:
     """DDIM's integer timesteps, or (multistep) DPM-Solver's and UniPC's, which space steps + 1 points and drop
     the last under leading and linspace."""
     n, k = cfg.num_train_timesteps, steps + multistep
+    timesteps: np.ndarray
     if spacing == "linspace":
         t = np.linspace(0, n - 1, k).round()[::-1]
-        return t[:steps].astype(np.int64)
-    if spacing == "leading":
+        timesteps = t[:steps].astype(np.int64)
+    elif spacing == "leading":
         t = (np.arange(0, k) * (n // k)).round()[::-1]
-        return t[:steps].astype(np.int64) + cfg.steps_offset
-    if spacing == "trailing":
-        return np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
-    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        timesteps = t[:steps].astype(np.int64) + cfg.steps_offset
+    elif spacing == "trailing":
+        timesteps = np.arange(n, 0, -n / steps).round().astype(np.int64) - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return timesteps
 
 
 def _spacing(cfg: SchedulerConfig, name: str) -> str:

@@ -85,6 +85,6 @@ def check_feeds(name: str, specs: tuple[TensorSpec, ...], feeds: dict[str, np.nd
         if value.dtype != np.dtype(t.dtype):
             raise FeedError(f"{name}.{t.name}: dtype {value.dtype}, expected {t.dtype}")
         if value.ndim != len(t.shape) or any(
-            isinstance(d, int) and d != n for d, n in zip(t.shape, value.shape)
+            isinstance(d, int) and d != n for d, n in zip(t.shape, value.shape, strict=True)
         ):
             raise FeedError(f"{name}.{t.name}: shape {value.shape}, expected {tuple(t.shape)}")

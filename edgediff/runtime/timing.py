@@ -41,9 +41,9 @@ class StageTimer:
     def wrap(self, obj: Any, method: str, stage: str) -> None:
         """Charge every call of `obj.method` to `stage` (for pipelines whose stages cannot be timed from inside:
         diffusers', Optimum's). The wrapper lives on the instance and always charges this timer's current record."""
-        inner: Callable = getattr(obj, method)
+        inner: Callable[..., Any] = getattr(obj, method)
 
-        def timed(*args, **kwargs):
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return inner(*args, **kwargs)

@@ -107,7 +107,7 @@ class ClipTokenizer:
         # fork warning) out of the picture.
         encodings = [self._tok.encode(prompt) for prompt in prompts]
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self._max_length)
-        dropped = [_dropped_text(prompt, e) for prompt, e in zip(prompts, encodings)]
+        dropped = [_dropped_text(prompt, e) for prompt, e in zip(prompts, encodings, strict=True)]
         return TokenizedBatch(input_ids=ids, dropped=dropped)
 
     def unknown_words(self, prompt: str) -> list[str]:
@@ -168,7 +168,7 @@ def _word_span(part: Encoding, index: int, kept: Encoding) -> tuple[int, int]:
     if word is None:
         return start, end
     for piece in (kept, *kept.overflowing):
-        for w, (s, e) in zip(piece.word_ids, piece.offsets):
+        for w, (s, e) in zip(piece.word_ids, piece.offsets, strict=True):
             if w == word:
                 start, end = min(start, s), max(end, e)
     return start, end

@@ -50,7 +50,7 @@ def backend_factory(name: str) -> Factory:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if isinstance(backend.factory, str):
         module, attribute = backend.factory.split(":")
-        factory = getattr(importlib.import_module(f".{module}", __name__), attribute)
+        factory: Factory = getattr(importlib.import_module(f".{module}", __name__), attribute)
         BACKENDS[name] = Backend(name, backend.description, factory)
         return factory
     return backend.factory

@@ -63,7 +63,7 @@ class OrtSession(SessionBase):
         self._output_names = [t.name for t in self.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self._session.run(self._output_names, feeds)))
+        return dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
 
     def close(self) -> None:
         self._session = None
@@ -88,7 +88,7 @@ class OrtTensorrtSession(OrtSession):
 
 
 
-def session_options(ort, chosen: SessionOptions, threads: int | None, lean: bool):
+def session_options(ort: Any, chosen: SessionOptions, threads: int | None, lean: bool) -> Any:
     """ONNX Runtime options from what the export chose for this graph (the manifest's ort_options)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -17,6 +17,7 @@ import numpy as np
 from ...bundle import BundleError, Manifest
 from ..plan import RenderPlan
 from ..sessions import Session
+from ..timing import StageTimer
 
 # (sample, timestep) -> the model's prediction, for a batch that is doubled under CFG
 Model = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -35,7 +36,7 @@ class Conditioning:
 
 class Family(Protocol):
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
-                  session: SessionFor, warnings: list[str], timer) -> Conditioning: ...
+                  session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning: ...
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]: ...
 
@@ -56,4 +57,5 @@ def family_for(root: Path, manifest: Manifest) -> Family:
         raise BundleError(f"model family {manifest.family!r} is not one this edgediff renders "
                           f"({', '.join(sorted(FAMILIES))}); update edgediff")
     module, name = where.split(":")
-    return getattr(importlib.import_module(f".{module}", __name__), name)(root, manifest)
+    family: Family = getattr(importlib.import_module(f".{module}", __name__), name)(root, manifest)
+    return family

@@ -17,6 +17,7 @@ from ..denoise import guidance_embedding
 from ..plan import RenderError, RenderPlan
 from ..prompts import Embeddings, PromptEncoder
 from ..sessions import Session
+from ..timing import StageTimer
 from . import Conditioning, Model, SessionFor
 
 
@@ -30,13 +31,13 @@ class StableDiffusion:
         return plan.guidance_scale > 1.0 and not self.manifest.guidance_embedding_dim
 
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
-                  session: SessionFor, warnings: list[str], timer) -> Conditioning:
+                  session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning:
         negatives = negative_texts(negative_prompt, len(prompts)) if self.uses_cfg(plan) else None
         cond, uncond = self.encode(prompts, negatives, session, warnings, timer)
         return self.conditioning(cond, uncond, plan)
 
     def encode(self, prompts: list[str], negatives: list[str] | None, session: SessionFor, warnings: list[str],
-               timer) -> tuple[Embeddings, Embeddings | None]:
+               timer: StageTimer) -> tuple[Embeddings, Embeddings | None]:
         """Text embeddings for the prompts (and the negatives, in the same encoder calls)."""
         embeddings = self.prompt_encoder(prompts + (negatives or []), session, warnings, timer)
         n = len(prompts)

@@ -8,16 +8,17 @@ the render's.
 
 from __future__ import annotations
 
-
+from ...bundle import BundleError
 from ..plan import RenderPlan
 from ..prompts import time_ids
+from ..timing import StageTimer
 from . import Conditioning, SessionFor
 from .sd import StableDiffusion, _cfg_batch, negative_texts
 
 
 class StableDiffusionXL(StableDiffusion):
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
-                  session: SessionFor, warnings: list[str], timer) -> Conditioning:
+                  session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning:
         added = self.manifest.added_conditions
         cfg = self.uses_cfg(plan)
         zero_negatives = cfg and negative_prompt is None and added is not None and added.force_zeros_for_empty_prompt
@@ -29,7 +30,9 @@ class StableDiffusionXL(StableDiffusion):
         cfg_on = uncond is not None
         ids = time_ids(plan.height, plan.width, added.crops_coords_top_left if added else (0, 0), conditioning.batch)
         pooled = cond.repeat(plan.images_per_prompt).pooled
-        pooled_uncond = uncond.repeat(plan.images_per_prompt).pooled if cfg_on else None
+        if pooled is None:
+            raise BundleError("this SDXL bundle's text encoders give no pooled embedding (text_embeds); re-export it")
+        pooled_uncond = uncond.repeat(plan.images_per_prompt).pooled if uncond is not None else None
         conditioning.feeds["text_embeds"] = _cfg_batch(pooled_uncond, pooled)
         conditioning.feeds["time_ids"] = _cfg_batch(ids if cfg_on else None, ids)
         return conditioning
