@@ -50,7 +50,8 @@ def test_export_refuses_existing_output_without_force(checkpoint, tmp_path):
 
 
 def test_export_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
-    r = run("export", tmp_path, tmp_path / "out")
+    (tmp_path / "src").mkdir()
+    r = run("export", tmp_path / "src", tmp_path / "out")
     assert r.exit_code == 2 and "model_index.json" in r.output
     assert not (tmp_path / "out").exists()
 

@@ -33,6 +33,18 @@ class SourceError(Exception):
     """A source that cannot be exported; the message is one line saying what is wrong and what to do."""
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a config file; anything else is refused in one line."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise SourceError(f"{path}: not valid JSON ({e}); repair or re-save the checkpoint") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{path}: a JSON {type(value).__name__}, where a JSON object is expected; repair or "
+                          "re-save the checkpoint")
+    return value
+
+
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:
     """Weights load from safetensors; a pickle can run code as it loads, so it needs the user's explicit opt-in."""
     if path.suffix == ".safetensors":
@@ -91,9 +103,9 @@ class Checkpoint:
             path = root / sub / name
             if not path.is_file():
                 raise SourceError(f"{src}: incomplete diffusers pipeline ({sub}/{name} is missing)")
-            return json.loads(path.read_text())
+            return read_json(path)
 
-        index = json.loads((root / "model_index.json").read_text())
+        index = read_json(root / "model_index.json")
         if not _present(index, "text_encoder"):
             raise SourceError(f"{src}: no text_encoder (an SDXL refiner?); only base text-to-image checkpoints export")
         return cls(

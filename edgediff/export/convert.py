@@ -7,12 +7,11 @@ import datetime
 import functools
 import gc
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, scratch_folder
 from ..bundle import (
     DEFAULT_MAX_BATCH,
     PREDICTION_TYPES,
@@ -25,7 +24,7 @@ from ..bundle import (
     default_axis_ranges,
     write_manifest,
 )
-from . import PRECISIONS, specs
+from . import PRECISIONS, preflight, specs
 from .calibrate import Calibration, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
 from .lora import Lora, check_components, fuse, parse_lora_arg, read_lora
@@ -162,16 +161,21 @@ def export_bundle(
     out = Path(out)
     if precision not in PRECISIONS:
         raise SourceError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if out.exists() and not force:
-        raise SourceError(f"{out} already exists; pass --force to replace it")
+    # Everything that can be checked without loading a model is checked first, in the order the user wrote it.
+    preflight.check_opset(opset)
+    if tiny_vae is not None:
+        preflight.check_tiny_vae(tiny_vae)
+    preflight.check_paths(src, out)
     lora_files = [read_lora(*parse_lora_arg(str(a)), allow_pickle=allow_pickle) for a in loras]
     options = ExportOptions(src, out, preset, opset, precision, calibration, tuple(lora_files), allow_pickle,
                             tiny_vae, clip_skip, description, progress, license, max_batch, size_range)
-    if Path(src).is_file():
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None, prefix=".source-") as folder:
-            single_file_to_folder(Path(src), Path(folder), allow_pickle)
-            return _export(Checkpoint.open(folder), options)
-    return _export(Checkpoint.open(src), options)
+    with preflight.export_lock(out):  # held until OUT is in place: a second export to OUT is refused
+        preflight.check_replaceable(out, force)  # under the lock, so that no other export can change OUT now
+        if Path(src).is_file():
+            with scratch_folder(out) as folder:
+                single_file_to_folder(Path(src), folder, allow_pickle)
+                return _export(Checkpoint.open(folder), options)
+        return _export(Checkpoint.open(src), options)
 
 
 def _load_tiny_vae(folder, ck: Checkpoint):
@@ -179,15 +183,7 @@ def _load_tiny_vae(folder, ck: Checkpoint):
     import diffusers
     import torch
 
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise SourceError(
-            f"{folder}: not an AutoencoderTiny folder (no config.json); pass e.g. a saved madebyollin/taesd"
-        )
     module = diffusers.AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    if module.config.latent_channels != ck.latent.channels:
-        raise SourceError(f"{folder}: a tiny VAE for {module.config.latent_channels}-channel latents; this model's "
-                          f"have {ck.latent.channels} (TAESD is for SD 1/2, TAESDXL for SDXL)")
     return module, specs.tiny_vae_decoder_spec(module, ck.latent.scaling_factor, ck.latent.shift_factor)
 
 
@@ -214,9 +210,13 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
                           f"{', '.join(PREDICTION_TYPES)}")
     for e in encoders:
         ck.tokenizer_files(e.tokenizer)  # present, or a SourceError before any export work
+    for source in {source for name, (source, _) in plan.items() if name != "vae_decoder" or not asked.tiny_vae}:
+        preflight.check_weights(ck.root / source)  # whole, or a SourceError before any export work
+    if asked.tiny_vae is not None:
+        preflight.check_tiny_vae(asked.tiny_vae, ck.latent.channels)
     trace_dims, gate_dims = _gate_shapes(ck)
 
-    with atomic_folder(asked.out, replace=True) as tmp:  # `force` was checked before anything was loaded
+    with atomic_folder(asked.out, replace=True) as tmp:  # export_bundle checked that OUT may be replaced
         components, component_specs = {}, {}
         for name, (source, make_spec) in plan.items():
             if name == "vae_decoder" and asked.tiny_vae is not None:

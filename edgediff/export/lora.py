@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..bundle import LoraRecord, sha256_file
 from .checkpoint import SourceError, refuse_pickle
+from .preflight import check_safetensors
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
@@ -89,13 +90,21 @@ def _load(path: Path, allow_pickle: bool):
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        check_safetensors(path)  # a garbage or cut-short file is refused here, by name, not as a Rust panic
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     refuse_pickle(path, allow_pickle)
     import torch
 
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state), {}
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged pickle raises anything from EOFError to RuntimeError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SourceError(f"{path}: not a readable LoRA file ({first})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise SourceError(f"{path}: not a LoRA file (no name -> tensor mapping in it)")
+    return state, {}
 
 
 def _metadata_alphas(metadata: dict) -> dict[str, float]:
