@@ -245,7 +245,7 @@ def _stopped_by_signals(out):
 @click.option("--preset", type=_Named("preset", PRESETS),
               help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo): "
               + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()) + ".")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an edgediff bundle (or an empty folder).")
 @click.option("--opset", type=int, default=17, show_default=True,
               help="ONNX opset: 17 to the newest the installed torch exporter supports.")
 @click.option("--precision", type=_Named("precision", PRECISIONS), default=next(iter(PRECISIONS)), show_default=True,
