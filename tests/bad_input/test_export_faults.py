@@ -17,9 +17,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bad_input.conftest import refused  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bad_input.conftest import refused  # noqa: E402
 from edgediff.atomic import exclusive  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def test_damaged_lora(ck, tmp_path, kind):
 
 def test_garbage_pickled_lora(ck, tmp_path):
     lora = tmp_path / "style.pt"
-    lora.write_bytes(b"\x80\x04 not a pickle, cut short")
+    lora.write_bytes(b"not a pickle, nor a zip archive")
     refused(["export", ck, tmp_path / "out", "--lora", lora, "--allow-pickle"], "not a readable LoRA file",
             watch=[ck, tmp_path])
 
