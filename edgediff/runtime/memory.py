@@ -88,10 +88,11 @@ def available_bytes() -> int | None:
     return min(limits) if limits else None
 
 
-def check_fits(need: int, available: int | None, what: str) -> None:
+def check_fits(need: int, available: int | None, what: str, memory: str) -> None:
     if available is not None and need > available:
-        raise RenderError(f"{what} needs about {_gb(need)} of memory and {_gb(available)} is available; "
-                          "render fewer or smaller images (or use --memory low)")
+        hint = " (or use --memory low)" if memory != "low" else ""
+        raise RenderError(f"this render ({what}) needs about {_gb(need)} of memory and {_gb(available)} is "
+                          f"available; render fewer or smaller images{hint}")
 
 
 def _gb(n: int) -> str:

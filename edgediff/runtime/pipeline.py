@@ -180,7 +180,7 @@ class Pipeline:
             self.manifest, plan, images=images, cfg=self.family.uses_cfg(plan), img2img=img2img, memory=self.memory,
             loaded=frozenset(self._sessions))
         what = f"{images} image{'s' if images > 1 else ''} of {plan.width}x{plan.height}"
-        memory_estimate.check_fits(need, memory_estimate.available_bytes(), what)
+        memory_estimate.check_fits(need, memory_estimate.available_bytes(), what, self.memory)
 
     def _initial_latents(self, plan: RenderPlan, batch: int, init_noise_sigma: float, init_image: Image.Image | None,
                          latents: np.ndarray | None, rng: NoiseSource, timer: StageTimer) -> np.ndarray:
