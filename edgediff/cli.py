@@ -63,15 +63,42 @@ def _described(catalogue: dict[str, str]) -> str:
     return "; ".join(f"{name}: {text}" for name, text in catalogue.items())
 
 
+class _UsageLine(click.ClickException):
+    """A usage error shown as the one `error:` line every other bad input gets, not click's usage block."""
+
+    exit_code = USAGE_ERROR
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _usage_line(e: click.UsageError, where: str) -> _UsageLine:
+    message = " ".join(e.format_message().split())  # "did you mean" and wrapped messages come on several lines
+    if not isinstance(e, click.BadParameter):  # an unknown option or command: say where the right ones are listed
+        command = e.ctx.command_path if e.ctx is not None else where
+        message = f"{message.rstrip('.')} (see {command} --help)"
+    return _UsageLine(message)
+
+
 class _Commands(click.Group):
-    """Bad parameters get the one `error:` line every other bad input gets (exit 2), not click's usage block."""
+    """Every usage error of every command (a missing argument, an unknown option or command, a bad value) becomes
+    one `error:` line and exit code 2. `edgediff` alone still prints its help."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_line(e, info_name or "edgediff") from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.BadParameter as e:
-            click.echo(f"error: {e.format_message()}", err=True)
-            ctx.exit(USAGE_ERROR)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_line(e, ctx.command_path) from None
 
 
 def _parse_size(ctx, param, value):
@@ -130,6 +157,8 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     from .atomic import atomic_files
     from .runtime.images import write_png
     from .runtime.pipeline import Pipeline
+    from .runtime.plan import checked_threads
+    from .runtime.prompts import printable
 
     with _one_line_errors():
         if num_images < 1:
@@ -137,6 +166,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
 
             raise RenderError(f"--num-images must be at least 1, got {num_images}")
         _check_sampling_names(sampler, schedule, eta)  # before the (slow) load
+        checked_threads(threads)
         pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory)
         bar = None
 
@@ -154,8 +184,8 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         if bar is not None:
             bar.close()
     for w in out.warnings:
-        click.echo(f"warning: {w}", err=True)
-    params = _parameters_text(prompt, negative, out.plan, pipe.root)
+        click.echo(f"warning: {printable(w)}", err=True)
+    params = _parameters_text(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
     paths = [output] if len(out.images) == 1 else [
         output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
     ]
@@ -185,7 +215,8 @@ def _check_sampling_names(sampler, schedule, eta=None) -> None:
 
 
 def _parameters_text(prompt, negative, plan, bundle) -> str:
-    """The PNG's `parameters` chunk, in the layout the popular UIs write and read."""
+    """The PNG's `parameters` chunk, in the layout the popular UIs write and read. The prompts come with control
+    characters escaped (printable): a raw newline would start a line the readers take for a field."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,16 @@ def load_image(source: ImageSource) -> Image.Image:
             raise ImageInputError(f"init image array has shape {source.shape}; expected (H, W, 3) in 0..1")
         return unit_to_pil(source[None].astype(np.float32))[0]
     try:
-        with Image.open(source) as im:
-            rgb: Image.Image = im.convert("RGB")  # Image.open's context manager is untyped
-            return rgb
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; an image that large is refused all the same
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                rgb: Image.Image = im.convert("RGB")  # Image.open's context manager is untyped
+                return rgb
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageInputError(f"{source}: the init image has more than {Image.MAX_IMAGE_PIXELS:,} pixels, too many "
+                              "to decode safely (a decompression bomb, or a photo far larger than any render "
+                              "size); resize it first") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise ImageInputError(f"{source}: cannot read the init image ({e})") from None
 

@@ -18,12 +18,22 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import BundleError, Component, Manifest, load_manifest
+from . import memory as memory_estimate
 from .backends import open_session
 from .denoise import make_denoiser
 from .families import Conditioning, family_for
 from .images import ImageSource, decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
 from .noise import NoiseSource, make_noise
-from .plan import OUTPUT_TYPES, RenderError, RenderPlan, build_schedule, make_plan, sampler_settings
+from .plan import (
+    OUTPUT_TYPES,
+    RenderError,
+    RenderPlan,
+    build_schedule,
+    checked_strength,
+    checked_threads,
+    make_plan,
+    sampler_settings,
+)
 from .sampler_catalogue import SAMPLERS
 from .samplers import Noise
 from .schedules import Schedule
@@ -59,6 +69,7 @@ class Pipeline:
         `backend` does, with `threads` and the memory mode's settings."""
         if memory not in MEMORY_MODES:
             raise RenderError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+        threads = checked_threads(threads)
         self.root = root
         self.manifest = manifest
         self.backend = backend
@@ -136,25 +147,40 @@ class Pipeline:
         timer = StageTimer()
         if output_type not in OUTPUT_TYPES:
             raise RenderError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise RenderError("prompt must be a string or a non-empty list of strings")
+        prompts = _texts(prompt, negative_prompt)
+        if strength is not None:
+            strength = checked_strength(strength)
+        if latents is not None:
+            latents = _finite_latents(latents)
         init_image = load_image(image) if image is not None else None
         plan = self.plan(image=init_image, steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                          width=width, seed=seed, sampler=sampler, schedule=schedule,
                          images_per_prompt=num_images_per_prompt,
                          strength=strength if init_image is not None else None, eta=eta, noise=noise)
+        self._check_memory(plan, len(prompts), img2img=init_image is not None)
         rng = make_noise(plan.seed, plan.noise)
         warnings: list[str] = []
         conditioning = self.family.condition(prompts, negative_prompt, plan, self.session, warnings, timer)
+        for feed in conditioning.feeds.values():
+            _check_finite(feed, self.manifest.text_encoders[0].component)
         sched = build_schedule(self.manifest, plan)
         x = self._initial_latents(plan, conditioning.batch, sched.init_noise_sigma, init_image, latents, rng, timer)
         x, interrupted = self._loop(x, conditioning, plan, sched, rng, callback, timer)
+        _check_finite(x, "unet")
         t = time.perf_counter()
         images = self.decode(x)
         timer.stage("vae_decoder", t)
         out = images if output_type == "np" else unit_to_pil(images)
         return PipelineOutput(out, timer.total(), warnings, interrupted, plan)
+
+    def _check_memory(self, plan: RenderPlan, prompts: int, *, img2img: bool) -> None:
+        """Refuse, before anything is allocated, a render this machine cannot hold (see memory.py's estimate)."""
+        images = prompts * plan.images_per_prompt
+        need = memory_estimate.bytes_needed(
+            self.manifest, plan, images=images, cfg=self.family.uses_cfg(plan), img2img=img2img, memory=self.memory,
+            loaded=frozenset(self._sessions))
+        what = f"{images} image{'s' if images > 1 else ''} of {plan.width}x{plan.height}"
+        memory_estimate.check_fits(need, memory_estimate.available_bytes(), what, self.memory)
 
     def _initial_latents(self, plan: RenderPlan, batch: int, init_noise_sigma: float, init_image: Image.Image | None,
                          latents: np.ndarray | None, rng: NoiseSource, timer: StageTimer) -> np.ndarray:
@@ -206,6 +232,7 @@ class Pipeline:
         """Init image -> latents, sampled from the VAE's posterior with the render's own noise stream."""
         pixels = pil_to_vae_input(load_image(image), width, height)
         moments = self.session("vae_encoder")(sample=pixels)["latent_parameters"]
+        _check_finite(moments, "vae_encoder")
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         latents = mean + std * noise(mean.shape)
@@ -215,15 +242,52 @@ class Pipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         lat = self.manifest.latent
         z = (latents / np.float32(lat.scaling_factor) + np.float32(lat.shift_factor)).astype(np.float32)
-        return decoded_to_unit(self.session("vae_decoder")(latent_sample=z)["sample"])
+        sample = self.session("vae_decoder")(latent_sample=z)["sample"]
+        _check_finite(sample, "vae_decoder")
+        return decoded_to_unit(sample)
 
 
 def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng: NoiseSource) -> np.ndarray:
     if latents is None:
         return rng.randn(shape)
-    latents = np.asarray(latents, dtype=np.float32)
     if latents.shape != shape:
         raise RenderError(f"latents have shape {latents.shape}; this render needs {shape}")
-    if not np.isfinite(latents).all():
-        raise RenderError("latents contain NaN or infinity")
     return latents
+
+
+def _finite_latents(latents: Any) -> np.ndarray:
+    try:
+        array = np.asarray(latents, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise RenderError("latents must be a float array") from None
+    if not np.isfinite(array).all():
+        raise RenderError("latents contain NaN or infinity")
+    return array
+
+
+def _texts(prompt: Any, negative_prompt: Any) -> list[str]:
+    """The prompts as a list, each checked to be text that can be encoded: a command line's undecodable bytes
+    arrive as surrogate escapes, which would fail deep in the tokenizer or be written into the PNG."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise RenderError("prompt must be a string or a non-empty list of strings")
+    negatives = [] if negative_prompt is None else (
+        [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt))
+    if not all(isinstance(n, str) for n in negatives):
+        raise RenderError("negative_prompt must be a string or a list of strings")
+    for what, texts in (("prompt", prompts), ("negative prompt", negatives)):
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RenderError(f"the {what} is not valid UTF-8 (an undecodable byte at character {e.start}); "
+                                  "pass it as UTF-8 text") from None
+    return prompts
+
+
+def _check_finite(array: np.ndarray, component: str) -> None:
+    """A model output with NaN or infinity would decode to a black or garbled image without a word; the usual cause
+    is an fp16 graph overflowing, which the export's fp32 islands or an fp32 re-export fix."""
+    if not np.isfinite(array).all():
+        raise RenderError(f"the {component} produced NaN or infinity (an fp16 overflow, typically); re-export it "
+                          "with fp32 islands for the overflowing ops, or in fp32 (edgediff export --precision fp32)")

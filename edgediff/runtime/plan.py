@@ -81,14 +81,12 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
         height=d.height if height is None else _whole("height", height, 1),
         seed=int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0),
         images_per_prompt=_whole("images per prompt", images_per_prompt, 1),
-        strength=None if strength is None else _finite("strength", strength),
+        strength=None if strength is None else checked_strength(strength),
         eta=info.eta if eta is None else eta, noise=noise,
     )
     m = manifest.size_multiple
     if plan.height % m or plan.width % m:
         raise RenderError(f"size {plan.width}x{plan.height} is not a multiple of {m} pixels, which this model needs")
-    if plan.strength is not None and not 0.0 < plan.strength <= 1.0:
-        raise RenderError(f"strength must be in (0, 1], got {plan.strength}")
     if noise not in NOISE_KINDS:
         raise RenderError(f"unknown noise kind {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
     return plan
@@ -128,6 +126,20 @@ def _finite(what: str, value: Any) -> float:
     if not _finite_real(value):
         raise RenderError(f"{what} must be a finite number, got {value!r}")
     return float(value)
+
+
+def checked_strength(strength: Any) -> float:
+    """Image-to-image strength; checked even where no init image makes it matter, so a typo is not silent."""
+    value = _finite("strength", strength)
+    if not 0.0 < value <= 1.0:
+        raise RenderError(f"strength must be in (0, 1], got {value}")
+    return value
+
+
+def checked_threads(threads: Any) -> int | None:
+    """Intra-op threads: None for the backend's own choice, else a whole number of at least 1 (ONNX Runtime reads
+    0 as its default and a negative count as an error deep in session creation)."""
+    return None if threads is None else _whole("threads", threads, 1)
 
 
 def _lookup(getter: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:

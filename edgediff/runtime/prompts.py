@@ -71,14 +71,34 @@ class PromptEncoder:
         return Embeddings(hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1), pooled)
 
 
+# words of a truncated prompt's cut-off part that its warning shows (a 10,000-word prompt would repeat them all)
+SHOWN_WORDS = 8
+
+
+def printable(text: str) -> str:
+    """`text` with control and other invisible characters as visible escapes (a newline as \\n, ESC as \\x1b, a
+    bidi override as \\u202e): prompts are echoed to terminals and written into PNG text chunks, where raw ones
+    would move the cursor or forge a field. Ordinary text, accents and scripts included, comes back unchanged."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _warn(tokenizer: ClipTokenizer, texts: list[str], dropped: list[str], warnings: list[str]) -> None:
     for cut in dropped:  # one per text
         if cut:
-            warnings.append(f"prompt truncated to {tokenizer.max_length} tokens; dropped: {cut!r}")
+            warnings.append(f"prompt truncated to {tokenizer.max_length} tokens; {_dropped(cut)}")
     for text in texts:
         unknown = tokenizer.unknown_words(text)
         if unknown:
-            warnings.append(f"words this model does not know (ignored): {', '.join(unknown)}")
+            warnings.append(f"words this model does not know (ignored): {printable(', '.join(unknown))}")
+
+
+def _dropped(cut: str) -> str:
+    words = cut.split()
+    more = f" and {len(words) - SHOWN_WORDS} more" if len(words) > SHOWN_WORDS else ""
+    shown = printable(" ".join(words[:SHOWN_WORDS]))
+    return f"dropped {len(words)} word{'s' if len(words) != 1 else ''}: '{shown}'{more}"
 
 
 def time_ids(height: int, width: int, crops_top_left: tuple[int, int], batch: int) -> np.ndarray:
