@@ -91,7 +91,9 @@ def _warn(tokenizer: ClipTokenizer, texts: list[str], dropped: list[str], warnin
     for text in texts:
         unknown = tokenizer.unknown_words(text)
         if unknown:
-            warnings.append(f"words this model does not know (ignored): {printable(', '.join(unknown))}")
+            more = f" and {len(unknown) - SHOWN_WORDS} more" if len(unknown) > SHOWN_WORDS else ""
+            shown = printable(", ".join(unknown[:SHOWN_WORDS]))
+            warnings.append(f"words this model does not know (ignored): {shown}{more}")
 
 
 def _dropped(cut: str) -> str:

@@ -116,17 +116,20 @@ class ClipTokenizer:
             return []
         unk = self._tok.id_to_token(self._unk_id)
         encoding = self._tok.encode(prompt)
-        found: list[str] = []
+        spans = _word_spans(encoding)
+        found: dict[str, None] = {}  # insertion-ordered set
         for part in (encoding, *encoding.overflowing):
+            offsets, words, special = part.offsets, part.word_ids, part.special_tokens_mask
             for i, token_id in enumerate(part.ids):
-                start, end = part.offsets[i]
+                start, end = offsets[i]
                 # Skip the template's tokens and the unknown token typed out as such (CLIP's is "<|endoftext|>").
-                if token_id != self._unk_id or part.special_tokens_mask[i] or prompt[start:end] == unk:
+                if token_id != self._unk_id or special[i] or prompt[start:end] == unk:
                     continue
-                start, end = _word_span(part, i, encoding)
-                if prompt[start:end] not in found:
-                    found.append(prompt[start:end])
-        return found
+                word = words[i]
+                if word is not None:
+                    start, end = spans.get(word, (start, end))
+                found.setdefault(prompt[start:end])
+        return list(found)
 
 
 def _template_ends(tokenizer: Tokenizer) -> tuple[int | None, int | None]:
@@ -153,22 +156,21 @@ def _dropped_text(prompt: str, encoding: Encoding) -> str:
         for i, is_special in enumerate(part.special_tokens_mask):
             if not is_special:
                 cut = part.offsets[i][0]
-                start, _ = _word_span(part, i, encoding)
+                word = part.word_ids[i]
+                start = _word_spans(encoding)[word][0] if word is not None else cut
                 if cut - start > _MAX_REPORTED_KEPT:
                     return "…" + prompt[cut:].strip()
                 return prompt[start:].strip()
     return ""
 
 
-def _word_span(part: Encoding, index: int, kept: Encoding) -> tuple[int, int]:
-    """Character span of the pre-tokenizer word holding token `index` of `part` (word ids are global across
-    a truncated encoding and its overflow, so the word's kept tokens are looked up in `kept`)."""
-    start, end = part.offsets[index]
-    word = part.word_ids[index]
-    if word is None:
-        return start, end
-    for piece in (kept, *kept.overflowing):
-        for w, (s, e) in zip(piece.word_ids, piece.offsets, strict=True):
-            if w == word:
-                start, end = min(start, s), max(end, e)
-    return start, end
+def _word_spans(encoding: Encoding) -> dict[int, tuple[int, int]]:
+    """Character span of each pre-tokenizer word of a (possibly truncated) encoding: word ids are global across
+    the kept tokens and the overflow, so a word cut in two gets its whole span."""
+    spans: dict[int, tuple[int, int]] = {}
+    for piece in (encoding, *encoding.overflowing):
+        for word, (start, end) in zip(piece.word_ids, piece.offsets, strict=True):
+            if word is not None:
+                known = spans.get(word)
+                spans[word] = (min(start, known[0]), max(end, known[1])) if known else (start, end)
+    return spans
