@@ -129,8 +129,11 @@ def engine_folders(root: Path, manifest: Manifest) -> list[Path]:
 def write_folder(root: Path, manifest: Manifest) -> Path:
     """Where a build writes: the bundle's own engines/ if the bundle can be written, else the user's cache."""
     inside, cache = engine_folders(root, manifest)
-    writable = os.access(inside, os.W_OK) if inside.is_dir() else os.access(root, os.W_OK)
-    return inside if writable else cache
+    return inside if writable(inside if inside.is_dir() else Path(root)) else cache
+
+
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
 
 
 def read_index(folder: Path) -> EngineIndex:
