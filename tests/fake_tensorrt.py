@@ -106,7 +106,8 @@ def make_cudart(gpu: FakeGpu) -> types.ModuleType:
         return cudaError_t.cudaSuccess, ctypes.addressof(buf)
 
     def free(ptr: int) -> tuple[Any]:
-        return (cudaError_t.cudaSuccess if gpu.memory.pop(ptr, None) is not None else cudaError_t.cudaErrorInvalidValue,)
+        known = gpu.memory.pop(ptr, None) is not None
+        return (cudaError_t.cudaSuccess if known else cudaError_t.cudaErrorInvalidValue,)
 
     def memcpy(dst: int, src: int, n: int, kind: Any, stream: Any) -> tuple[Any]:
         device = dst if kind == cudaMemcpyKind.cudaMemcpyHostToDevice else src
@@ -293,7 +294,7 @@ class _Builder:
             return None  # a dynamic input without a profile: TensorRT logs an error and returns None
         if config.timing is not None:
             config.timing.data += f"{folder};".encode()
-        streaming = getattr(self.trt.BuilderFlag, "WEIGHT_STREAMING") in config.flags
+        streaming = self.trt.BuilderFlag.WEIGHT_STREAMING in config.flags
         return b"FAKE-TRT\n" + json.dumps({
             "version": self.gpu.version, "capability": list(self.gpu.capability), "onnx": network.path,
             "inputs": {t.name: int(t.dtype) for t in network.inputs},

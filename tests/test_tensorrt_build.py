@@ -8,10 +8,10 @@ import shutil
 import subprocess
 import sys
 
+import fake_tensorrt
 import pytest
 from click.testing import CliRunner
 
-import fake_tensorrt
 from edgediff.build.profiles import BuildRequest, bundle_profiles, component_profile, doubles_batch
 from edgediff.build.tensorrt import BuildOptions, build_engines
 from edgediff.bundle import BundleError, read_manifest
