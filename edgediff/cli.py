@@ -1,4 +1,4 @@
-"""The `edgediff` command: render, export, info, samplers, bench. Thin: parse, call the library, show progress.
+"""The `edgediff` command: render, export, build, info, samplers, bench. Thin: parse, call the library, show progress.
 
 Bad input (a missing bundle, a size the model cannot take, an unreadable image…) gets one line on stderr and exit
 code 2, with nothing written.
@@ -339,6 +339,49 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
                                  calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae,
                                  clip_skip=clip_skip, progress=progress, license=licence)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT: static engines for this one size (steps replay "
+              "as a CUDA graph) [default: the bundle's size ranges].")
+@click.option("--min-size", callback=_parse_size, help="WIDTHxHEIGHT: the smallest size of a dynamic profile.")
+@click.option("--opt-size", callback=_parse_size, help="WIDTHxHEIGHT: the size TensorRT tunes for [default: max].")
+@click.option("--max-size", callback=_parse_size, help="WIDTHxHEIGHT: the largest size of a dynamic profile.")
+@click.option("--batch", type=int, help="Images per call, fixed (doubled for the U-Net of a CFG bundle).")
+@click.option("--max-batch", type=int, help="Images per call, up to N (doubled for the U-Net of a CFG bundle).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file to read and "
+              "update [default: one per GPU and TensorRT version beside the engines].")
+@click.option("--workspace", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="TensorRT's workspace limit in GiB [default: TensorRT's].")
+@click.option("--weight-streaming", is_flag=True, help="Engines that can stream weights from host memory "
+              "(`render --memory low` then keeps only part of them on the GPU).")
+def build(bundle, size, min_size, opt_size, max_size, batch, max_batch, timing_cache, workspace, weight_streaming):
+    """Build TensorRT engines for BUNDLE on this machine's NVIDIA GPU (render with --backend tensorrt).
+
+    One engine per component, at the bundle's precision, with optimisation profiles from the manifest's ranges
+    and the sizes given; kept in BUNDLE/engines/ (the user's cache for a read-only bundle), keyed by GPU,
+    TensorRT version, precision and profile. An engine already built with the same key is skipped."""
+    from tqdm import tqdm
+
+    from .build.profiles import BuildRequest, precision_line
+    from .build.tensorrt import BuildOptions, build_engines
+    from .bundle import read_manifest
+
+    with _one_line_errors():
+        request = BuildRequest.make(size=size, min_size=min_size, opt_size=opt_size, max_size=max_size,
+                                    batch=batch, max_batch=max_batch)
+        click.echo(precision_line(read_manifest(bundle)))
+        options = BuildOptions(request, timing_cache, workspace, weight_streaming)
+        with tqdm(desc="build", unit="engine", delay=0.5) as bar:
+            def progress(name, done, total, status):
+                bar.total = total
+                bar.set_postfix_str(f"{name} {status}")
+                bar.update(done - bar.n)
+
+            built = build_engines(bundle, options, progress=progress)
+    for b in built:
+        click.echo(f"{b.component}: {b.path}{' (already built)' if b.skipped else ''}")
 
 
 def _int_list(ctx, param, value):

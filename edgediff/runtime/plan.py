@@ -47,6 +47,12 @@ class RenderPlan:
         return self.width, self.height
 
 
+def uses_cfg(manifest: Manifest, guidance_scale: float) -> bool:
+    """CFG runs as one batched call (negatives beside prompts) above guidance 1; an LCM U-Net with a guidance
+    embedding takes w as an input instead. The TensorRT build doubles those batches by the same rule."""
+    return guidance_scale > 1.0 and not manifest.guidance_embedding_dim
+
+
 def resolve_sampler(manifest: Manifest, sampler: str | None, schedule: str | None) -> tuple[str, SamplerInfo, str]:
     """The sampler (name and entry) and schedule a render runs: the caller's, else the manifest's defaults (the
     export wrote its preset's: Turbo euler_a, trailing; LCM lcm; Lightning euler, trailing), else the sampler's own

@@ -34,6 +34,8 @@ _BUILTIN = {
     "cuda": ("ort:OrtCudaSession", "ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu)"),
     "ort-tensorrt": ("ort:OrtTensorrtSession",
                      "ONNX Runtime's TensorRT execution provider (needs onnxruntime-gpu and TensorRT)"),
+    "tensorrt": ("tensorrt:TrtSession",
+                 "native TensorRT engines from `edgediff build`, through cuda-python (needs edgediff[tensorrt])"),
 }
 
 BACKENDS: dict[str, Backend] = {name: Backend(name, text, factory) for name, (factory, text) in _BUILTIN.items()}

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...bundle import Manifest
 from ..denoise import guidance_embedding
-from ..plan import RenderError, RenderPlan
+from ..plan import RenderError, RenderPlan, uses_cfg
 from ..prompts import Embeddings, PromptEncoder
 from ..sessions import Session
 from ..timing import StageTimer
@@ -27,8 +27,7 @@ class StableDiffusion:
         self.prompt_encoder = PromptEncoder(root, manifest)
 
     def uses_cfg(self, plan: RenderPlan) -> bool:
-        """CFG runs as one batched call above guidance 1; an LCM U-Net takes w as an embedding instead."""
-        return plan.guidance_scale > 1.0 and not self.manifest.guidance_embedding_dim
+        return uses_cfg(self.manifest, plan.guidance_scale)
 
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
                   session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning:
