@@ -344,13 +344,20 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
 @click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--verify", is_flag=True, help="Check every file's full sha256 (slow on big bundles).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info(bundle, verify, as_json):
-    """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures."""
+@click.option("--runtime", "runtime_only", is_flag=True,
+              help="Show only the runtime: the onnxruntime distribution, its providers, the backends.")
+def info(bundle, verify, as_json, runtime_only):
+    """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures.
+    With no BUNDLE, the runtime follows: the onnxruntime distribution installed, its providers, the backends."""
     from .bundle import BundleError, load_manifest
-    from .describe import describe_bundle
+    from .describe import describe_bundle, describe_runtime
     from .models import builtin_bundle
 
+    if runtime_only:
+        click.echo("\n".join(describe_runtime()))
+        return
     with _one_line_errors():
+        show_runtime = bundle is None
         if bundle is None:
             bundle = builtin_bundle()
             if bundle is None:
@@ -363,6 +370,8 @@ def info(bundle, verify, as_json):
         click.echo(line)
     if verify:
         click.echo("  verified: every file's sha256 matches")
+    if show_runtime:
+        click.echo("\n".join(describe_runtime()))
 
 
 if __name__ == "__main__":
