@@ -297,6 +297,15 @@ def _int_list(ctx, param, value):
     return values
 
 
+def _backend_list(ctx, param, value):
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown backend {', '.join(unknown) or repr(value)}; choose from "
+                                 f"{', '.join(BACKENDS)}")
+    return names
+
+
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--steps", "steps", default="1", show_default=True, callback=_int_list, help="Step counts, e.g. 1,4.")
@@ -306,7 +315,11 @@ def _int_list(ctx, param, value):
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Measured runs per configuration.")
 @click.option("--warmup", type=click.IntRange(1), default=1, show_default=True,
               help="Unmeasured renders first (the first is reported as the cold render).")
-@click.option("--compare", default="", help="Peers to run side by side: diffusers, optimum (comma-separated).")
+@click.option("--compare", default="", help="Peers to run side by side (comma-separated): diffusers (PyTorch fp32, "
+              "CPU), diffusers-cuda (PyTorch fp16, GPU: the GPU backends' peer), optimum (ONNX Runtime, CPU).")
+@click.option("--backend", "backends", default="cpu", show_default=True, callback=_backend_list,
+              help="edgediff's backends, comma-separated (each bundle is timed on each): "
+              + ", ".join(BACKENDS) + ".")
 @click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="edgediff's memory mode (low: one component loaded at a time).")
 @click.option("--optimum-python", type=click.Path(path_type=Path), default=Path("benchmarks/.venv-optimum/bin/python"),
@@ -315,8 +328,8 @@ def _int_list(ctx, param, value):
               "[default: BUNDLE-optimum beside the first bundle].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full record as JSON.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Draw a PNG chart of the stage times.")
-def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory, optimum_python, optimum_model,
-          json_path, chart):
+def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backends, memory, optimum_python,
+          optimum_model, json_path, chart):
     """Time every stage of BUNDLES (several: side by side, e.g. fp32 and int8), optionally against diffusers and
     Optimum on the same checkpoint, each engine in its own process, interleaved run by run."""
     from .atomic import atomic_file
@@ -326,6 +339,7 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
 
     settings = Settings(steps=steps, width=size[0], height=size[1], batches=batches, threads=threads, runs=runs,
                         warmup=warmup, compare=[c.strip() for c in compare.split(",") if c.strip()], memory=memory,
+                        backends=backends,
                         optimum_python=optimum_python, optimum_model=optimum_model)
     with _one_line_errors():
         record = run_bench(list(bundles), settings, progress=lambda msg: click.echo(msg, err=True))
