@@ -394,6 +394,15 @@ def _int_list(ctx, param, value):
     return values
 
 
+def _backend_list(ctx, param, value):
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown backend {', '.join(unknown) or repr(value)}; choose from "
+                                 f"{', '.join(BACKENDS)}")
+    return names
+
+
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--steps", "steps", default="1", show_default=True, callback=_int_list, help="Step counts, e.g. 1,4.")
@@ -403,7 +412,11 @@ def _int_list(ctx, param, value):
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Measured runs per configuration.")
 @click.option("--warmup", type=click.IntRange(1), default=1, show_default=True,
               help="Unmeasured renders first (the first is reported as the cold render).")
-@click.option("--compare", default="", help="Peers to run side by side: diffusers, optimum (comma-separated).")
+@click.option("--compare", default="", help="Peers to run side by side (comma-separated): diffusers (PyTorch fp32, "
+              "CPU), diffusers-cuda (PyTorch fp16, GPU: the GPU backends' peer), optimum (ONNX Runtime, CPU).")
+@click.option("--backend", "backends", default="cpu", show_default=True, callback=_backend_list,
+              help="edgediff's backends, comma-separated (each bundle is timed on each): "
+              + ", ".join(BACKENDS) + ".")
 @click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="edgediff's memory mode (low: one component loaded at a time).")
 @click.option("--optimum-python", type=click.Path(path_type=Path), default=Path("benchmarks/.venv-optimum/bin/python"),
@@ -412,8 +425,8 @@ def _int_list(ctx, param, value):
               "[default: BUNDLE-optimum beside the first bundle].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full record as JSON.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Draw a PNG chart of the stage times.")
-def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory, optimum_python, optimum_model,
-          json_path, chart):
+def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backends, memory, optimum_python,
+          optimum_model, json_path, chart):
     """Time every stage of BUNDLES (several: side by side, e.g. fp32 and int8), optionally against diffusers and
     Optimum on the same checkpoint, each engine in its own process, interleaved run by run."""
     from .atomic import atomic_file
@@ -423,6 +436,7 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
 
     settings = Settings(steps=steps, width=size[0], height=size[1], batches=batches, threads=threads, runs=runs,
                         warmup=warmup, compare=[c.strip() for c in compare.split(",") if c.strip()], memory=memory,
+                        backends=backends,
                         optimum_python=optimum_python, optimum_model=optimum_model)
     with _one_line_errors():
         record = run_bench(list(bundles), settings, progress=lambda msg: click.echo(msg, err=True))
@@ -441,13 +455,20 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, memory,
 @click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--verify", is_flag=True, help="Check every file's full sha256 (slow on big bundles).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info(bundle, verify, as_json):
-    """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures."""
+@click.option("--runtime", "runtime_only", is_flag=True,
+              help="Show only the runtime: the onnxruntime distribution, its providers, the backends.")
+def info(bundle, verify, as_json, runtime_only):
+    """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures.
+    With no BUNDLE, the runtime follows: the onnxruntime distribution installed, its providers, the backends."""
     from .bundle import BundleError, load_manifest
-    from .describe import describe_bundle
+    from .describe import describe_bundle, describe_runtime
     from .models import builtin_bundle
 
+    if runtime_only:
+        click.echo("\n".join(describe_runtime()))
+        return
     with _one_line_errors():
+        show_runtime = bundle is None
         if bundle is None:
             bundle = builtin_bundle()
             if bundle is None:
@@ -460,6 +481,8 @@ def info(bundle, verify, as_json):
         click.echo(line)
     if verify:
         click.echo("  verified: every file's sha256 matches")
+    if show_runtime:
+        click.echo("\n".join(describe_runtime()))
 
 
 if __name__ == "__main__":

@@ -56,3 +56,45 @@ def licence_line(provenance: Provenance) -> str:
         return "licence: unknown — check the source's terms before commercial use"
     source = f" (from {provenance.licence_from})" if provenance.licence_from else ""
     return f"licence: {provenance.licence}{source}"
+
+
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def describe_runtime() -> list[str]:
+    """`edgediff info`'s lines on what renders here: the onnxruntime distribution(s) installed (onnxruntime and
+    onnxruntime-gpu install the same module, so two of them means whichever went last won), its execution
+    providers, and which backends can start."""
+    from importlib import metadata
+
+    import onnxruntime
+
+    from .runtime.backends import BACKENDS
+    from .runtime.backends import ort as ort_backends
+
+    installed = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            installed[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    shown = ", ".join(f"{n} {v}" for n, v in installed.items()) or "none found (a source build?)"
+    lines = ["runtime:", f"  onnxruntime {onnxruntime.__version__}, from the distribution {shown}"]
+    if len(installed) > 1:
+        lines.append("  warning: both distributions are installed and share one module; keep one: "
+                     "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    providers = onnxruntime.get_available_providers()
+    lines.append(f"  providers: {', '.join(providers)}")
+    needs = {cls.backend: cls.provider for cls in (ort_backends.OrtCpuSession, ort_backends.OrtCudaSession,
+                                                   ort_backends.OrtTensorrtSession)}
+    for name in BACKENDS:
+        provider = needs.get(name)
+        if provider is None:
+            state = "not an onnxruntime backend (it checks its own libraries when opened)"
+        elif provider in providers:
+            state = f"{provider} present (its CUDA/TensorRT libraries load at the first render)" \
+                if provider != "CPUExecutionProvider" else "ready"
+        else:
+            state = f"needs {provider}, which this onnxruntime lacks"
+        lines.append(f"  backend {name}: {state}")
+    return lines

@@ -115,5 +115,5 @@ def test_the_cpu_backend_applies_the_manifests_options_and_gpu_backends_do_not()
     assert ort_backend.OrtCpuSession.uses_manifest_options
     assert not ort_backend.OrtCudaSession.uses_manifest_options
     assert not ort_backend.OrtTensorrtSession.uses_manifest_options
-    assert ort_backend.OrtCudaSession.providers[0] == ("CUDAExecutionProvider", {})
+    assert ort_backend.OrtCudaSession.provider == "CUDAExecutionProvider"
     assert set(backends.BACKENDS) >= {"cpu", "cuda", "ort-tensorrt"}

@@ -24,7 +24,8 @@ from . import worker
 from .flops import count_flops
 from .peak import measure_peak
 
-PEERS = ("diffusers", "optimum")
+# diffusers: PyTorch fp32 on the CPU; diffusers-cuda: PyTorch fp16 on the GPU (the peer of the GPU backends)
+PEERS = ("diffusers", "diffusers-cuda", "optimum")
 DEFAULT_OPTIMUM_PYTHON = Path("benchmarks/.venv-optimum/bin/python")
 STAGES = ("text", "unet", "vae_decoder", "other", "total")
 
@@ -40,6 +41,7 @@ class Settings:
     warmup: int = 1
     compare: list[str] = field(default_factory=list)
     memory: str = "normal"
+    backends: list[str] = field(default_factory=lambda: ["cpu"])  # edgediff's, each bundle timed on each
     prompt: str = "a photograph of an astronaut riding a horse"
     optimum_python: Path = DEFAULT_OPTIMUM_PYTHON
     optimum_model: Path | None = None
@@ -157,25 +159,27 @@ def machine() -> dict:
 
 
 def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tuple[str, dict, str]]:
-    specs = [(f"edgediff:{b.name}", {"engine": "edgediff", "model": str(b), "threads": s.threads, "memory": s.memory},
-              sys.executable) for b in bundles]
+    specs = [(edgediff_label(b, backend, s.backends),
+              {"engine": "edgediff", "model": str(b), "threads": s.threads, "memory": s.memory, "backend": backend},
+              sys.executable) for b in bundles for backend in s.backends]
     manifest = read_manifest(bundles[0])
     spacing = manifest.scheduler.timestep_spacing
     source = Path(manifest.provenance.source)
     for peer in s.compare:
         if peer not in PEERS:
             notes.append(f"{peer}: unknown peer; choose from {', '.join(PEERS)}")
-        elif peer == "diffusers":
+        elif peer.startswith("diffusers"):
             if not (source / "model_index.json").is_file():
-                notes.append(f"diffusers: the bundle's source checkpoint {source} is not here; skipped")
+                notes.append(f"{peer}: the bundle's source checkpoint {source} is not here; skipped")
                 continue
             try:
                 import diffusers  # noqa: F401
             except ImportError:
-                notes.append("diffusers: not installed (pip install 'edgediff[export]'); skipped")
+                notes.append(f"{peer}: not installed (pip install 'edgediff[export]'); skipped")
                 continue
-            specs.append(("diffusers", {"engine": "diffusers", "model": str(source), "threads": s.threads,
-                                        "spacing": spacing, "sampler": manifest.defaults.sampler}, sys.executable))
+            device = "cuda" if peer == "diffusers-cuda" else "cpu"
+            specs.append((peer, {"engine": "diffusers", "model": str(source), "threads": s.threads, "device": device,
+                                 "spacing": spacing, "sampler": manifest.defaults.sampler}, sys.executable))
         else:
             model = s.optimum_model or bundles[0].with_name(bundles[0].name + "-optimum")
             if not Path(s.optimum_python).is_file():
@@ -190,6 +194,11 @@ def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tu
                                           "spacing": spacing, "sampler": manifest.defaults.sampler},
                               str(s.optimum_python)))
     return specs
+
+
+def edgediff_label(bundle: Path, backend: str, backends: list[str]) -> str:
+    """"edgediff:BUNDLE", with the backend where it is not the CPU or several are timed."""
+    return f"edgediff:{bundle.name}" if backends == ["cpu"] else f"edgediff-{backend}:{bundle.name}"
 
 
 def _flops(bundle: Path, steps_batch: int, s: Settings, cfg: bool) -> dict[str, int]:
@@ -261,7 +270,7 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
         for e in engines:
             entry = {"label": e.label, "engine": e.spec["engine"], "model": e.spec["model"], "load_s": e.load_s,
                      "peak_rss_bytes": e.peak_rss_bytes, "versions": e.versions, **results[e.label]}
-            if e.spec["engine"] == "edgediff":
+            if e.spec["engine"] == "edgediff" and e.spec["backend"] == "cpu":  # the peak measured is the CPU's
                 _add_limits(entry, Path(e.spec["model"]), s, cfg, record["peak"])
             record["engines"].append(entry)
     finally:

@@ -30,7 +30,7 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _peer_call(pipe, clock, spec: dict):
+def _peer_call(pipe, clock, spec: dict, sync=lambda: None):
     import torch
 
     name, extra = DIFFUSERS_SCHEDULERS.get(spec["sampler"], DIFFUSERS_SCHEDULERS["euler"])
@@ -48,6 +48,7 @@ def _peer_call(pipe, clock, spec: dict):
                     generator=torch.Generator().manual_seed(req["seed"]), output_type="np",
                 )
 
+        sync()  # nothing queued on a GPU before the clock starts
         return clock.time(call)
 
     return render
@@ -56,7 +57,8 @@ def _peer_call(pipe, clock, spec: dict):
 def load_edgediff(spec: dict):
     from edgediff import Pipeline, __version__
 
-    pipe = Pipeline.load(spec["model"], threads=spec.get("threads"), memory=spec.get("memory", "normal"))
+    pipe = Pipeline.load(spec["model"], backend=spec.get("backend", "cpu"), threads=spec.get("threads"),
+                         memory=spec.get("memory", "normal"))
 
     def render(req):
         out = pipe(
@@ -68,21 +70,51 @@ def load_edgediff(spec: dict):
 
     import onnxruntime
 
-    return render, {"edgediff": __version__, "onnxruntime": onnxruntime.__version__}
+    return render, {"edgediff": __version__, "onnxruntime": onnxruntime.__version__,
+                    "backend": spec.get("backend", "cpu")}
 
 
 def load_diffusers(spec: dict):
+    """diffusers' PyTorch pipeline: fp32 on the CPU, or (device "cuda") fp16 on the GPU, synchronised around
+    every timed stage so that a stage's time is its kernels' and not just their launch."""
     import diffusers
     import torch
 
+    cuda = spec.get("device") == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} sees no CUDA GPU")
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    pipe = diffusers.DiffusionPipeline.from_pretrained(spec["model"], torch_dtype=torch.float32)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(spec["model"],
+                                                       torch_dtype=torch.float16 if cuda else torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        pipe.to("cuda")
     clock = _stage_timer()
-    clock.wrap(pipe, "encode_prompt", "text_encoder")
-    clock.wrap(pipe.unet, "forward", "steps")
-    clock.wrap(pipe.vae, "decode", "vae_decoder")
-    return _peer_call(pipe, clock, spec), {"diffusers": diffusers.__version__, "torch": torch.__version__}
+    for obj, method, stage in ((pipe, "encode_prompt", "text_encoder"), (pipe.unet, "forward", "steps"),
+                               (pipe.vae, "decode", "vae_decoder")):
+        _wrap_synchronised(obj, method, sync, after=True)
+        clock.wrap(obj, method, stage)
+        _wrap_synchronised(obj, method, sync, after=False)
+    versions = {"diffusers": diffusers.__version__, "torch": torch.__version__}
+    if cuda:
+        versions["gpu"] = torch.cuda.get_device_name()
+    return _peer_call(pipe, clock, spec, sync), versions
+
+
+def _wrap_synchronised(obj, method: str, sync, after: bool) -> None:
+    """Call `sync` after (inside the stage's clock) or before (outside it) every call of `obj.method`."""
+    inner = getattr(obj, method)
+
+    def synchronised(*args, **kwargs):
+        if not after:
+            sync()
+        result = inner(*args, **kwargs)
+        if after:
+            sync()
+        return result
+
+    setattr(obj, method, synchronised)
 
 
 def load_optimum(spec: dict):

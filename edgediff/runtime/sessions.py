@@ -36,6 +36,7 @@ class SessionSettings:
     threads: int | None = None  # intra-op threads; None: the backend's own choice
     # memory="low": no pre-packed weight copies or memory arenas, so what a call allocates goes back when it ends
     lean: bool = False
+    device_id: int = 0  # the GPU a device backend runs on
 
 
 class Session(Protocol):

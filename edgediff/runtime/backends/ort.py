@@ -2,23 +2,25 @@
 
 Providers are (name, options) pairs. The manifest's ort_options (optimisation level, pre-packing, graph cache)
 were chosen at export for ONNX Runtime's CPU kernels, so only the CPU backend applies them; a GPU provider brings
-its own. ONNX Runtime falls back to the CPU quietly when a provider cannot start (its log says so, at a level
-edgediff silences), so after creating a session we check that the requested provider is the session's first:
-anything else is an error, not a slow render. Some nodes placed on the CPU under a GPU provider is normal.
+its own, built from the manifest by ort_providers.py. The GPU sessions keep what `bind` fixes for a render (text
+embeddings, time ids) on the device and run every call through an I/O binding.
+
+ONNX Runtime falls back to the CPU quietly when a provider cannot start (its log says so, at a level edgediff
+silences), so after creating a session we check that the requested provider is the session's first: anything
+else is an error, not a slow render. Some nodes placed on the CPU under a GPU provider is normal.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ...bundle import BundleError, Component, SessionOptions
 from .. import graph_cache
-from ..sessions import BackendError, SessionBase, SessionSettings
-
-Provider = tuple[str, dict[str, Any]]
+from ..sessions import BackendError, FeedError, SessionBase, SessionSettings, check_feeds
+from .ort_providers import CPU, CUDA, TENSORRT, Provider, cuda_providers, tensorrt_providers, writable_cache_folders
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 # Messages of a provider whose shared libraries (CUDA, cuDNN, TensorRT, the driver) could not be loaded.
@@ -29,7 +31,7 @@ class OrtSession(SessionBase):
     """An ONNX Runtime session for one bundle component on `providers`, the first of which must take it."""
 
     backend = ""  # its name in the registry, for messages
-    providers: list[Provider] = []
+    provider = CPU  # the execution provider that must take the graph
     uses_manifest_options = False  # the manifest's ort_options are CPU choices
     install_hint = ""
 
@@ -37,7 +39,7 @@ class OrtSession(SessionBase):
         import onnxruntime as ort
 
         super().__init__(name, component.inputs, component.outputs)
-        requested = self.providers[0][0]
+        requested = self.provider
         available = ort.get_available_providers()
         if requested not in available:
             raise BackendError(f"backend {self.backend!r} needs {requested}, which this onnxruntime "
@@ -47,7 +49,7 @@ class OrtSession(SessionBase):
         path = root / component.file
         try:
             self._session = graph_cache.open_session(
-                ort, path, component.files, options, self.providers,
+                ort, path, component.files, options, self.provider_chain(root, name, component, settings),
                 cache=chosen.cache_optimized_graph and self.uses_manifest_options)
         except Exception as e:  # onnxruntime raises its own untyped errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -62,6 +64,11 @@ class OrtSession(SessionBase):
                                f"{requested} (a GPU library or the driver is missing?); use --backend cpu")
         self._output_names = [t.name for t in self.outputs]
 
+    def provider_chain(self, root: Path, name: str, component: Component,
+                       settings: SessionSettings) -> list[Provider]:
+        """The (provider, options) pairs the session is created with, `provider` first."""
+        return [(CPU, {})]
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
 
@@ -71,21 +78,69 @@ class OrtSession(SessionBase):
 
 class OrtCpuSession(OrtSession):
     backend = "cpu"
-    providers = [("CPUExecutionProvider", {})]
     uses_manifest_options = True
 
 
-class OrtCudaSession(OrtSession):
+class OrtDeviceSession(OrtSession):
+    """A session whose provider runs on a device: `bind` uploads the fixed feeds once, and every call goes through
+    an I/O binding (the fixed feeds bound where they already are, the rest copied from the host, the outputs
+    copied back to the host)."""
+
+    device_type = "cuda"  # what onnxruntime.OrtValue calls the device
+
+    def __init__(self, root: Path, name: str, component: Component, settings: SessionSettings):
+        self.device_id = settings.device_id
+        super().__init__(root, name, component, settings)
+
+    def bind(self, **fixed: np.ndarray) -> Callable[..., dict[str, np.ndarray]]:
+        import onnxruntime as ort
+
+        known = {t.name for t in self.inputs}
+        if not set(fixed) <= known:
+            raise FeedError(f"{self.name}: bound {sorted(fixed)}, expected some of its inputs {sorted(known)}")
+        on_device = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device_type,
+                                                            self.device_id) for name, value in fixed.items()}
+
+        def call(**feeds: np.ndarray) -> dict[str, np.ndarray]:
+            if set(feeds) & set(fixed):
+                raise FeedError(f"{self.name}: {sorted(set(feeds) & set(fixed))} are bound for this render")
+            check_feeds(self.name, self.inputs, {**fixed, **feeds})
+            return self._run_bound(on_device, feeds)
+
+        return call
+
+    def _run_bound(self, on_device: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self._session.io_binding()
+        for name, value in on_device.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+
+class OrtCudaSession(OrtDeviceSession):
     backend = "cuda"
-    providers = [("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
-    install_hint = "; install onnxruntime-gpu in place of onnxruntime (edgediff[gpu]) or use --backend cpu"
+    provider = CUDA
+    install_hint = ("; pip uninstall -y onnxruntime && pip install onnxruntime-gpu (see the README's GPU install), "
+                    "or use --backend cpu")
+
+    def provider_chain(self, root: Path, name: str, component: Component,
+                       settings: SessionSettings) -> list[Provider]:
+        return cuda_providers(settings.device_id, settings.lean)
 
 
-class OrtTensorrtSession(OrtSession):
+class OrtTensorrtSession(OrtDeviceSession):
     backend = "ort-tensorrt"
-    providers = [("TensorrtExecutionProvider", {}), ("CUDAExecutionProvider", {}), ("CPUExecutionProvider", {})]
-    install_hint = "; install onnxruntime-gpu and TensorRT, or use --backend cpu"
+    provider = TENSORRT
+    install_hint = "; install onnxruntime-gpu in place of onnxruntime, and TensorRT, or use --backend cpu"
 
+    def provider_chain(self, root: Path, name: str, component: Component,
+                       settings: SessionSettings) -> list[Provider]:
+        engines, timing = writable_cache_folders(root, name, component)
+        return tensorrt_providers(component, engines, timing, settings.device_id, settings.lean)
 
 
 def session_options(ort: Any, chosen: SessionOptions, threads: int | None, lean: bool) -> Any:
