@@ -76,3 +76,15 @@ def bundle_copy(bundle, tmp_path):
         return dst
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_bundle_untouched():
+    """No test may write into the package's own built-in bundle (caches, engines): tests copy it first."""
+    from edgediff.models import builtin_bundle
+
+    root = builtin_bundle()
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root else []
+    yield
+    after = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root else []
+    assert after == before, f"tests wrote into {root}: {sorted(set(after) - set(before))}"

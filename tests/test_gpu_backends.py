@@ -224,10 +224,10 @@ def test_a_silent_fallback_is_an_error_on_every_gpu_backend(monkeypatch, tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: GPU_PROVIDERS)
     monkeypatch.setattr(ort_backend.graph_cache, "open_session", lambda *a, **k: _FellBack())
-    manifest = read_manifest(builtin_bundle())
+    root = Path(shutil.copytree(builtin_bundle(), tmp_path / "builtin"))  # the TensorRT backend makes its caches
+    manifest = read_manifest(root)
     with pytest.raises(BackendError, match=f"fell back to CPUExecutionProvider instead of {provider}"):
-        backends.open_session(builtin_bundle(), "unet", manifest.components["unet"], backend,
-                              SessionSettings(device_id=0))
+        backends.open_session(root, "unet", manifest.components["unet"], backend, SessionSettings(device_id=0))
 
 
 def test_info_shows_the_onnxruntime_distribution_and_providers():
