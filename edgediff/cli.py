@@ -149,7 +149,8 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         def progress(step, total, latents):
             nonlocal bar
             if bar is None:
-                bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+                # disable=None: a bar on a terminal only, not in logs or captured stderr
+                bar = tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None)
             bar.update(1)
 
         width, height = size if size else (None, None)
