@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -224,8 +225,29 @@ class Manifest:
         return list(dict.fromkeys(paths + reports + [f.path for f in self.all_files()]))
 
 
+def check_numbers(m: Manifest) -> None:
+    """Numbers the render computes with: finite, and noise-schedule betas that are probabilities."""
+    s = m.scheduler
+    for where, value in (("scheduler.beta_start", s.beta_start), ("scheduler.beta_end", s.beta_end),
+                         ("scheduler.timestep_scaling", s.timestep_scaling),
+                         ("scheduler.clip_sample_range", s.clip_sample_range),
+                         ("latent.scaling_factor", m.latent.scaling_factor),
+                         ("latent.shift_factor", m.latent.shift_factor),
+                         ("defaults.guidance_scale", m.defaults.guidance_scale)):
+        if not math.isfinite(value):
+            raise FieldError(where, f"{value!r} is not a finite number")
+    if not 0 < s.beta_start <= s.beta_end < 1:
+        raise FieldError("scheduler", f"beta_start {s.beta_start} and beta_end {s.beta_end} are not "
+                         "0 < start <= end < 1")
+    if s.trained_betas is not None and not all(0 < b < 1 for b in s.trained_betas):
+        raise FieldError("scheduler.trained_betas", "each must be between 0 and 1")
+    if m.latent.scaling_factor == 0:
+        raise FieldError("latent.scaling_factor", "0 (latents are divided by it)")
+
+
 def check_references(m: Manifest) -> None:
     """What types cannot say: names that must point at something, and ranges that must be ordered."""
+    check_numbers(m)
     for i, e in enumerate(m.text_encoders):
         if e.component not in m.components:
             raise FieldError(f"text_encoders[{i}].component", f"no component {e.component!r}")
