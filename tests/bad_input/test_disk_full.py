@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import refused
 
 from edgediff.cli import main
+
+from .conftest import refused
 
 
 def good_png(path: Path) -> bytes:

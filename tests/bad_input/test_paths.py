@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import refused
 
 from edgediff.bundle import BundleError, Component, FileEntry, TensorSpec, load_manifest
 from edgediff.runtime.pipeline import Pipeline
+
+from .conftest import refused
 
 
 def edit_manifest(root: Path, change) -> None:
