@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Locked", "atomic_file", "atomic_files", "atomic_folder", "exclusive", "scratch_folder"]
+__all__ = ["Locked", "atomic_file", "atomic_files", "atomic_folder", "exclusive", "probe_write", "scratch_folder"]
 
 
 def _partial(target: Path, *, keep_suffix: bool = True) -> Path:
@@ -91,6 +91,14 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     rename it over `target`. On failure `target` is untouched and the temporary file removed."""
     with atomic_files([target]) as (tmp,):
         yield tmp
+
+
+def probe_write(target: str | os.PathLike) -> None:
+    """Create and remove the temporary file a write of `target` would start with; OSError where that fails (a
+    read-only folder or mount, no permission, a name too long), so a caller can refuse before the slow work."""
+    tmp = _partial(Path(target))
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    tmp.unlink()
 
 
 def _sync(path: Path) -> None:

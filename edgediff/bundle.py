@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .records import (
+    BUNDLE_PATH,
     NONEMPTY,
     NOT_WRITTEN,
     OPTIMIZATION_LEVELS,
@@ -63,6 +65,8 @@ __all__ = [
     "TensorSpec",
     "TextEncoder",
     "TokenizerRecord",
+    "Verify",
+    "check_confined",
     "check_files",
     "default_axis_ranges",
     "load_manifest",
@@ -92,7 +96,7 @@ class Component:
     """One exported model: its graph file (and external data), precision, I/O signature and the sizes each of its
     dynamic axes takes."""
 
-    file: str
+    file: str = field(metadata=BUNDLE_PATH)
     precision: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -214,15 +218,44 @@ class Manifest:
         files = [f for c in self.components.values() for f in c.files]
         return files + [f for t in self.tokenizers.values() for f in t.files]
 
+    def all_paths(self) -> list[str]:
+        """Every path the runtime opens: graphs, listed files, tokenizer folders, conversion reports."""
+        paths = [c.file for c in self.components.values()] + [t.path for t in self.tokenizers.values()]
+        reports = [c.conversion.report for c in self.components.values() if c.conversion and c.conversion.report]
+        return list(dict.fromkeys(paths + reports + [f.path for f in self.all_files()]))
+
+
+def check_numbers(m: Manifest) -> None:
+    """Numbers the render computes with: finite, and noise-schedule betas that are probabilities."""
+    s = m.scheduler
+    for where, value in (("scheduler.beta_start", s.beta_start), ("scheduler.beta_end", s.beta_end),
+                         ("scheduler.timestep_scaling", s.timestep_scaling),
+                         ("scheduler.clip_sample_range", s.clip_sample_range),
+                         ("latent.scaling_factor", m.latent.scaling_factor),
+                         ("latent.shift_factor", m.latent.shift_factor),
+                         ("defaults.guidance_scale", m.defaults.guidance_scale)):
+        if not math.isfinite(value):
+            raise FieldError(where, f"{value!r} is not a finite number")
+    if not 0 < s.beta_start <= s.beta_end < 1:
+        raise FieldError("scheduler", f"beta_start {s.beta_start} and beta_end {s.beta_end} are not "
+                         "0 < start <= end < 1")
+    if s.trained_betas is not None and not all(0 < b < 1 for b in s.trained_betas):
+        raise FieldError("scheduler.trained_betas", "each must be between 0 and 1")
+    if m.latent.scaling_factor == 0:
+        raise FieldError("latent.scaling_factor", "0 (latents are divided by it)")
+
 
 def check_references(m: Manifest) -> None:
     """What types cannot say: names that must point at something, and ranges that must be ordered."""
+    check_numbers(m)
     for i, e in enumerate(m.text_encoders):
         if e.component not in m.components:
             raise FieldError(f"text_encoders[{i}].component", f"no component {e.component!r}")
         if e.tokenizer not in m.tokenizers:
             raise FieldError(f"text_encoders[{i}].tokenizer", f"no tokenizer {e.tokenizer!r}")
     for name, c in m.components.items():
+        if c.file not in {f.path for f in c.files}:
+            raise FieldError(f"components.{name}.file", f"{c.file!r} is not among the component's files")
         for axis in c.dynamic_axes():
             r = c.axes.get(axis)
             if r is None:
@@ -326,27 +359,63 @@ def read_manifest(root: str | os.PathLike[str]) -> Manifest:
     )
 
 
+def check_confined(root: str | os.PathLike[str], manifest: Manifest, *, allow_symlinks: bool = False) -> None:
+    """Every path the manifest names resolves inside the bundle folder, symbolic links followed. The paths are
+    already relative and free of `..` (records.py), so only a link can lead out: a bundle laid out as a hub cache
+    lays files out (links into a blob store) is refused unless the caller opts in with `allow_symlinks`."""
+    root = Path(root)
+    base = root.resolve()
+    for rel in manifest.all_paths():
+        path = root / rel
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError) as e:  # a loop of links
+            raise BundleError(f"{path}: cannot resolve it ({e}); re-export the bundle") from None
+        if allow_symlinks or resolved == base or base in resolved.parents:
+            continue
+        raise BundleError(
+            f"{path}: a symbolic link to {resolved}, outside the bundle; copy the bundle with the files themselves "
+            "(`cp -rL SRC DST`) or, if you trust where it points, pass --allow-symlinks (allow_symlinks=True)"
+        )
+
+
 def check_files(root: str | os.PathLike[str], manifest: Manifest, *, full: bool = False) -> None:
     """Check every file the manifest lists: present, right size, right fingerprint (or full sha256 when `full`)."""
     root = Path(root)
     for entry in manifest.all_files():
         path = root / entry.path
-        if not path.is_file():
-            raise BundleError(f"{path}: missing bundle file; re-export the bundle")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise BundleError(
-                f"{path}: {size} bytes, the manifest says {entry.size} (truncated or replaced); re-export the bundle"
-            )
-        if full:
-            if sha256_file(path) != entry.sha256:
-                raise BundleError(f"{path}: sha256 differs from the manifest (corrupt); re-export the bundle")
-        elif fingerprint_file(path) != entry.fingerprint:
-            raise BundleError(f"{path}: contents differ from the manifest (corrupt); re-export the bundle")
+        try:
+            _check_file(path, entry, full)
+        except OSError as e:  # unreadable, or a name the file system refuses
+            raise BundleError(f"{path}: cannot read it ({e.strerror or e}); re-export the bundle") from None
 
 
-def load_manifest(root: str | os.PathLike[str], *, verify: bool = False) -> Manifest:
-    """Read the manifest and check the files it lists; the runtime's single entry point into a bundle."""
+def _check_file(path: Path, entry: FileEntry, full: bool) -> None:
+    if not path.is_file():
+        raise BundleError(f"{path}: missing bundle file; re-export the bundle")
+    size = path.stat().st_size
+    if size != entry.size:
+        raise BundleError(
+            f"{path}: {size} bytes, the manifest says {entry.size} (truncated or replaced); re-export the bundle"
+        )
+    if full:
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"{path}: sha256 differs from the manifest (corrupt); re-export the bundle")
+    elif fingerprint_file(path) != entry.fingerprint:
+        raise BundleError(f"{path}: contents differ from the manifest (corrupt); re-export the bundle")
+
+
+Verify = bool | Literal["fast", "full"]
+
+
+def load_manifest(root: str | os.PathLike[str], *, verify: Verify = "fast", allow_symlinks: bool = False) -> Manifest:
+    """Read the manifest and check the files it lists; the runtime's single entry point into a bundle.
+
+    verify="fast" (or False) checks each file's size and a 16-chunk fingerprint; "full" (or True) hashes every
+    byte, for when corruption between the fingerprint's samples must be caught too."""
+    if verify not in (False, True, "fast", "full"):
+        raise ValueError(f"verify must be 'fast' or 'full', got {verify!r}")
     manifest = read_manifest(root)
-    check_files(root, manifest, full=verify)
+    check_confined(root, manifest, allow_symlinks=allow_symlinks)
+    check_files(root, manifest, full=verify in (True, "full"))
     return manifest

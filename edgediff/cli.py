@@ -28,11 +28,11 @@ USAGE_ERROR = 2
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .bundle import BundleError
-    from .runtime.images import ImageInputError
+    from .runtime.images import ImageInputError, OutputError
     from .runtime.plan import RenderError
     from .runtime.sessions import FeedError
 
-    return BundleError, RenderError, ImageInputError, FeedError
+    return BundleError, RenderError, ImageInputError, FeedError, OutputError
 
 
 @contextmanager
@@ -149,31 +149,40 @@ def main():
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
 @click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
+@click.option("--verify", is_flag=True, help="Hash every bundle file in full before rendering (slow on big bundles; "
+              "by default each file's size and a 16-chunk fingerprint are checked).")
+@click.option("--allow-symlinks", is_flag=True, help="Load a bundle whose files are symbolic links to elsewhere "
+              "(a hub cache's layout) [default: refused].")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
-           backend, threads, memory, schedule, noise, eta):
+           backend, threads, memory, schedule, noise, eta, verify, allow_symlinks):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
-    from .atomic import atomic_files
-    from .runtime.images import write_png
+    from .runtime.images import check_png_targets, save_pngs
     from .runtime.pipeline import Pipeline
     from .runtime.plan import checked_threads
     from .runtime.prompts import printable
 
     with _one_line_errors():
-        if num_images < 1:
-            from .runtime.pipeline import RenderError
+        from .runtime.plan import MAX_IMAGES, RenderError
 
-            raise RenderError(f"--num-images must be at least 1, got {num_images}")
-        _check_sampling_names(sampler, schedule, eta)  # before the (slow) load
+        if not 1 <= num_images <= MAX_IMAGES:
+            raise RenderError(f"--num-images must be 1 to {MAX_IMAGES}, got {num_images}")
+        paths = [output] if num_images == 1 else [
+            output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(num_images)
+        ] if output.name else [output]
+        check_png_targets(paths)  # before the (slow) load and render
+        _check_sampling_names(sampler, schedule, eta)
         checked_threads(threads)
-        pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory)
+        pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory,
+                             verify="full" if verify else "fast", allow_symlinks=allow_symlinks)
         bar = None
 
         def progress(step, total, latents):
             nonlocal bar
             if bar is None:
-                bar = tqdm(total=total, desc="denoising", unit="step", leave=False)
+                # disable=None: a bar on a terminal only, not in logs or captured stderr
+                bar = tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None)
             bar.update(1)
 
         width, height = size if size else (None, None)
@@ -186,13 +195,8 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     for w in out.warnings:
         click.echo(f"warning: {printable(w)}", err=True)
     params = _parameters_text(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
-    paths = [output] if len(out.images) == 1 else [
-        output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(out.images))
-    ]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_files(paths) as temps:  # all the images or none: a full disk midway leaves no partial set
-        for im, tmp in zip(out.images, temps):
-            write_png(im, tmp, params)
+    with _one_line_errors():
+        save_pngs(out.images, paths, params)  # all the images or none: a full disk midway leaves no partial set
     for path in paths:
         click.echo(str(path))
     click.echo(f"{out.timings['total']:.2f} s ({len(out.timings['steps'])} steps)", err=True)
@@ -457,7 +461,8 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backend
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--runtime", "runtime_only", is_flag=True,
               help="Show only the runtime: the onnxruntime distribution, its providers, the backends.")
-def info(bundle, verify, as_json, runtime_only):
+@click.option("--allow-symlinks", is_flag=True, help="Accept a bundle whose files are symbolic links to elsewhere.")
+def info(bundle, verify, as_json, runtime_only, allow_symlinks):
     """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures.
     With no BUNDLE, the runtime follows: the onnxruntime distribution installed, its providers, the backends."""
     from .bundle import BundleError, load_manifest
@@ -473,7 +478,7 @@ def info(bundle, verify, as_json, runtime_only):
             bundle = builtin_bundle()
             if bundle is None:
                 raise BundleError("no bundle given and this install has no built-in model; pass a bundle folder")
-        manifest = load_manifest(bundle, verify=verify)
+        manifest = load_manifest(bundle, verify="full" if verify else "fast", allow_symlinks=allow_symlinks)
     if as_json:
         click.echo(json.dumps(manifest.to_json(), indent=2))
         return

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import Component, Manifest, check_references, default_axis_ranges
-from .records import FieldError, read_record
+from .records import FieldError, bundle_path_problem, read_record
 
 # runtime/samplers.py PRESETS as edgediff 0.1 read it: the schedule a v1 bundle's preset rendered with.
 V1_PRESET_SCHEDULES = {"standard": "discrete", "turbo": "trailing", "lcm": "lcm", "lightning": "trailing"}
@@ -57,6 +57,9 @@ def migrate_v1(raw: dict[str, Any], root: Path) -> Manifest:
 def _tokenizer_v1(record: Any, root: Path, key: str) -> dict[str, Any]:
     if not isinstance(record, dict) or not isinstance(record.get("path"), str):
         raise FieldError(key, "expected an object with a path")
+    problem = bundle_path_problem(record["path"])
+    if problem:
+        raise FieldError(f"{key}.path", problem)
     out = {k: v for k, v in record.items() if k in ("path", "files", "max_length")}
     if "max_length" not in out:
         out["max_length"] = _folder_max_length(root / record["path"])

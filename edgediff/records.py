@@ -14,7 +14,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 
@@ -32,6 +32,7 @@ def at_least(n: int) -> dict[str, int]:
 
 NONEMPTY = {"nonempty": True}
 NOT_WRITTEN = {"json": False}  # held in memory only (what the manifest was migrated from)
+BUNDLE_PATH = {"bundle_path": True}  # a file or folder inside the bundle: relative, no `..`
 
 OptimizationLevel = Literal["disabled", "basic", "extended", "all"]
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
@@ -50,8 +51,8 @@ class TensorSpec:
 class FileEntry:
     """One file of a bundle, with what it takes to check it quickly (size, fingerprint) and fully (sha256)."""
 
-    path: str
-    size: int
+    path: str = field(metadata=BUNDLE_PATH)
+    size: int = field(metadata=at_least(0))
     sha256: str
     fingerprint: str
 
@@ -110,7 +111,7 @@ class Conversion:
     its per-layer report (quantized vs float, with reasons), which is also listed in the component's files."""
 
     fp32_islands: tuple[str, ...] = ()
-    report: str | None = None
+    report: str | None = field(default=None, metadata=BUNDLE_PATH)
     scheme: str | None = None
     quantized_layers: int | None = None
     float_layers: int | None = None
@@ -120,7 +121,7 @@ class Conversion:
 class TokenizerRecord:
     """A tokenizer folder: `tokenizer.json` (canonical: added tokens, padding and truncation included)."""
 
-    path: str
+    path: str = field(metadata=BUNDLE_PATH)
     files: tuple[FileEntry, ...]
     max_length: int = field(metadata=at_least(1))
 
@@ -247,7 +248,23 @@ def _check_value(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
         raise FieldError(where, f"{value!r} is below {minimum}")
     if f.metadata.get("nonempty") and not value:
         raise FieldError(where, "empty")
+    if f.metadata.get("bundle_path") and value is not None:
+        problem = bundle_path_problem(value)
+        if problem:
+            raise FieldError(where, problem)
     return value
+
+
+def bundle_path_problem(path: str) -> str | None:
+    """Why `path` cannot name something inside a bundle, or None. A bundle's paths are relative to its folder and
+    never climb out of it: a manifest must not make the runtime open (or hash) a file elsewhere."""
+    if not path or "\x00" in path:
+        return f"{_show(path)} is not a path inside the bundle"
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).anchor:
+        return f"{_show(path)} is absolute; a bundle's paths are relative to its folder"
+    if ".." in PurePosixPath(path).parts or ".." in PureWindowsPath(path).parts:
+        return f"{_show(path)} climbs out of the bundle (..); a bundle's paths stay inside its folder"
+    return None
 
 
 def to_json(record: Any) -> Any:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, atomic_files, probe_write
 
 # an init image: a path, a PIL image, or an (H, W, 3) array in 0..1
 ImageSource = str | os.PathLike[str] | Image.Image | np.ndarray
@@ -17,6 +18,10 @@ ImageSource = str | os.PathLike[str] | Image.Image | np.ndarray
 
 class ImageInputError(ValueError):
     """An init image that cannot be used."""
+
+
+class OutputError(ValueError):
+    """A PNG path that cannot be written (a folder, a device, a read-only place, a full disk)."""
 
 
 def decoded_to_unit(sample: np.ndarray) -> np.ndarray:
@@ -73,3 +78,42 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str) 
     """write_png through a temporary file: a failed write leaves an existing PNG at `path` as it was."""
     with atomic_file(path) as tmp:
         write_png(image, tmp, parameters)
+
+
+def check_png_targets(paths: Sequence[Path]) -> None:
+    """Refuse (OutputError) PNG paths that a write would fail on, before the slow render rather than after it."""
+    for path in paths:
+        if not path.name or "\x00" in os.fspath(path):
+            raise OutputError(f"{os.fspath(path)!r} is not a file name; give a PNG path, e.g. out.png")
+        try:
+            _check_target(path)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write there ({e.strerror or e}); choose another path") from None
+
+
+def _check_target(path: Path) -> None:
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name, e.g. {path / 'out.png'}")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{path}: not a regular file (a device or a pipe?); give a PNG path, e.g. out.png")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the render creates the missing folders: probe the nearest one that exists
+    if not folder.is_dir():
+        raise OutputError(f"{path}: {folder} is a file, not a folder; choose another path")
+    probe_write(folder / path.name)
+
+
+def save_pngs(images: Sequence[Image.Image], paths: Sequence[Path], parameters: str) -> None:
+    """write_png for each image, all or none: on a full disk (or any write error) every existing file at `paths`
+    is left as it was, and the error is an OutputError line."""
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_files(list(paths)) as temps:
+            for im, tmp in zip(images, temps, strict=True):
+                write_png(im, tmp, parameters)
+    except OSError as e:
+        where = paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+        raise OutputError(f"{where}: cannot write the PNG ({e.strerror or e}); existing files there are unchanged"
+                          ) from None

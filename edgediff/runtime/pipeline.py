@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ..bundle import BundleError, Component, Manifest, load_manifest
+from ..bundle import BundleError, Component, Manifest, Verify, load_manifest
 from . import memory as memory_estimate
 from .backends import open_session
 from .denoise import make_denoiser
@@ -84,10 +84,11 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, backend: str = "cpu", threads: int | None = None,
-             memory: str = "normal", verify: bool = False, session_factory: SessionFactory | None = None
-             ) -> Pipeline:
+             memory: str = "normal", verify: Verify = "fast", allow_symlinks: bool = False,
+             session_factory: SessionFactory | None = None) -> Pipeline:
         """Load a bundle folder, or the built-in model when `path` is None (checks every file's size and
-        fingerprint; `verify` hashes them in full).
+        fingerprint; verify="full" hashes them in full). Every file must lie inside the folder: symbolic links out
+        of it (a hub cache's layout) are refused unless `allow_symlinks`.
 
         memory="normal" keeps every session loaded; memory="low" loads each component only for its stage and
         frees it before the next, so peak memory is about the largest component instead of the sum (each render
@@ -99,8 +100,8 @@ class Pipeline:
             if path is None:
                 raise BundleError("no bundle given and this install has no built-in model; pass a bundle folder")
         root = Path(path)
-        return cls(root, load_manifest(root, verify=verify), backend=backend, threads=threads, memory=memory,
-                   session_factory=session_factory)
+        manifest = load_manifest(root, verify=verify, allow_symlinks=allow_symlinks)
+        return cls(root, manifest, backend=backend, threads=threads, memory=memory, session_factory=session_factory)
 
     def session(self, name: str) -> Session:
         if name not in self._sessions:

@@ -19,6 +19,9 @@ from .noise import NOISE_KINDS
 from .sampler_catalogue import SAMPLERS, SamplerInfo, SamplerOptions, resolve, sampler_options
 
 OUTPUT_TYPES = ("pil", "np")
+MAX_STEPS = 1000  # a train schedule's length: more steps only cost time (and a typo's 10**9 would never end)
+MAX_IMAGES = 64  # per prompt in one render: they all go through the models as one batch
+SEED_LIMIT = 2**64  # torch's manual_seed takes seeds below this, and the noise follows torch
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -81,12 +84,12 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
         eta = float(eta)
     plan = RenderPlan(
         sampler=sampler, schedule=schedule,
-        steps=_whole("steps", d.steps if steps is None else steps, 1),
+        steps=_whole("steps", d.steps if steps is None else steps, 1, MAX_STEPS),
         guidance_scale=_finite("guidance", d.guidance_scale if guidance_scale is None else guidance_scale),
         width=d.width if width is None else _whole("width", width, 1),
         height=d.height if height is None else _whole("height", height, 1),
-        seed=int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0),
-        images_per_prompt=_whole("images per prompt", images_per_prompt, 1),
+        seed=int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0, SEED_LIMIT - 1),
+        images_per_prompt=_whole("images per prompt", images_per_prompt, 1, MAX_IMAGES),
         strength=None if strength is None else checked_strength(strength),
         eta=info.eta if eta is None else eta, noise=noise,
     )
@@ -122,9 +125,11 @@ def _finite_real(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
-def _whole(what: str, value: Any, least: int) -> int:  # value: whatever the caller passed
+def _whole(what: str, value: Any, least: int, most: int | None = None) -> int:  # value: what the caller passed
     if not _finite_real(value) or value != int(value) or value < least:
         raise RenderError(f"{what} must be at least {least} (a whole number), got {value!r}")
+    if most is not None and value > most:
+        raise RenderError(f"{what} must be at most {most}, got {value!r}")
     return int(value)
 
 

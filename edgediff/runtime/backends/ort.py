@@ -70,7 +70,15 @@ class OrtSession(SessionBase):
         return [(CPU, {})]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self._session.run(self._output_names, feeds), strict=True))
+        try:
+            outputs = self._session.run(self._output_names, feeds)
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            if "Failed to allocate memory" not in str(e):
+                raise  # anything else is a bug, with its traceback
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
+            raise FeedError(f"{self.name}: out of memory running it on {shapes}; render smaller images or fewer "
+                            "at once") from None
+        return dict(zip(self._output_names, outputs, strict=True))
 
     def close(self) -> None:
         self._session = None
@@ -146,7 +154,7 @@ class OrtTensorrtSession(OrtDeviceSession):
 def session_options(ort: Any, chosen: SessionOptions, threads: int | None, lean: bool) -> Any:
     """ONNX Runtime options from what the export chose for this graph (the manifest's ort_options)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error is raised and said in one line, not logged as well
     level = chosen.graph_optimization_level
     if level not in OPTIMIZATION_LEVELS:
         raise BundleError(f"unknown graph optimization level {level!r} in the manifest; re-export the bundle")
