@@ -16,6 +16,16 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_options import (
+    USAGE_ERROR,
+    Commands,
+    Named,
+    backend_list,
+    described,
+    int_list,
+    one_line_errors,
+    parse_size,
+)
 from .export import PRECISIONS
 from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
@@ -23,95 +33,8 @@ from .runtime.pipeline import MEMORY_MODES
 from .runtime.sampler_catalogue import PRESETS, SAMPLERS
 from .runtime.schedules import DISCRETE, SCHEDULES
 
-USAGE_ERROR = 2
 
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .bundle import BundleError
-    from .runtime.images import ImageInputError, OutputError
-    from .runtime.plan import RenderError
-    from .runtime.sessions import FeedError
-
-    return BundleError, RenderError, ImageInputError, FeedError, OutputError
-
-
-@contextmanager
-def _one_line_errors(*extra: type[Exception]):
-    """Turn the library's user-facing errors into `error: …` and exit code 2; anything else is a bug and keeps
-    its traceback."""
-    try:
-        yield
-    except (*_user_errors(), *extra) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(USAGE_ERROR)
-
-
-class _Named(click.Choice):
-    """A name from one of the catalogues; an unknown one is refused with the kind and every choice."""
-
-    def __init__(self, kind: str, names):
-        super().__init__(list(names))
-        self.kind = kind
-
-    def convert(self, value, param, ctx):
-        if value in self.choices:
-            return value
-        self.fail(f"unknown {self.kind} {value!r}; choose one of {', '.join(self.choices)}", param, ctx)
-
-
-def _described(catalogue: dict[str, str]) -> str:
-    return "; ".join(f"{name}: {text}" for name, text in catalogue.items())
-
-
-class _UsageLine(click.ClickException):
-    """A usage error shown as the one `error:` line every other bad input gets, not click's usage block."""
-
-    exit_code = USAGE_ERROR
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-def _usage_line(e: click.UsageError, where: str) -> _UsageLine:
-    message = " ".join(e.format_message().split())  # "did you mean" and wrapped messages come on several lines
-    if not isinstance(e, click.BadParameter):  # an unknown option or command: say where the right ones are listed
-        command = e.ctx.command_path if e.ctx is not None else where
-        message = f"{message.rstrip('.')} (see {command} --help)"
-    return _UsageLine(message)
-
-
-class _Commands(click.Group):
-    """Every usage error of every command (a missing argument, an unknown option or command, a bad value) becomes
-    one `error:` line and exit code 2. `edgediff` alone still prints its help."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as e:
-            raise _usage_line(e, info_name or "edgediff") from None
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as e:
-            raise _usage_line(e, ctx.command_path) from None
-
-
-def _parse_size(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        w, h = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
-    return w, h
-
-
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgediff")
 def main():
     """edgediff: fast text-to-image diffusion on ONNX Runtime, no PyTorch at run time.
@@ -131,15 +54,15 @@ def main():
 )
 @click.option("--negative", default=None, help="Negative prompt: what the image should not show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed; matches diffusers' torch CPU generator.")
-@click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT in pixels [default: the bundle's].")
-@click.option("--sampler", type=_Named("sampler", SAMPLERS),
+@click.option("--size", callback=parse_size, help="WIDTHxHEIGHT in pixels [default: the bundle's].")
+@click.option("--sampler", type=Named("sampler", SAMPLERS),
               help="Sampler (`edgediff samplers` says what each is) [default: the bundle's].")
-@click.option("--schedule", type=_Named("schedule", SCHEDULES),
+@click.option("--schedule", type=Named("schedule", SCHEDULES),
               help="Sigma schedule [default: the bundle preset's, else the sampler's own].")
 @click.option("--eta", type=float, help="ddim: stochasticity, 0 deterministic to 1 DDPM-like [default: 0]; tcd: its "
               "gamma [default: 0.3]. Other samplers take none.")
-@click.option("--noise", type=_Named("noise source", NOISE_KINDS), default=next(iter(NOISE_KINDS)), show_default=True,
-              help=_described(NOISE_KINDS) + ".")
+@click.option("--noise", type=Named("noise source", NOISE_KINDS), default=next(iter(NOISE_KINDS)), show_default=True,
+              help=described(NOISE_KINDS) + ".")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images to render for the prompt.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.8, show_default=True,
@@ -147,7 +70,7 @@ def main():
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="cpu", show_default=True,
               help="Where the models run: " + "; ".join(f"{b.name}: {b.description}" for b in BACKENDS.values()) + ".")
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
-@click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
+@click.option("--memory", type=Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
 @click.option("--verify", is_flag=True, help="Hash every bundle file in full before rendering (slow on big bundles; "
               "by default each file's size and a 16-chunk fingerprint are checked).")
@@ -163,7 +86,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     from .runtime.plan import checked_threads
     from .runtime.prompts import printable
 
-    with _one_line_errors():
+    with one_line_errors():
         from .runtime.plan import MAX_IMAGES, RenderError
 
         if not 1 <= num_images <= MAX_IMAGES:
@@ -195,7 +118,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
     for w in out.warnings:
         click.echo(f"warning: {printable(w)}", err=True)
     params = _parameters_text(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
-    with _one_line_errors():
+    with one_line_errors():
         save_pngs(out.images, paths, params)  # all the images or none: a full disk midway leaves no partial set
     for path in paths:
         click.echo(str(path))
@@ -277,14 +200,14 @@ def _stopped_by_signals(out):
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=_Named("preset", PRESETS),
+@click.option("--preset", type=Named("preset", PRESETS),
               help="Sampling defaults for a distilled model when its config cannot tell (e.g. turbo for SD-Turbo): "
               + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()) + ".")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an edgediff bundle (or an empty folder).")
 @click.option("--opset", type=int, default=17, show_default=True,
               help="ONNX opset: 17 to the newest the installed torch exporter supports.")
-@click.option("--precision", type=_Named("precision", PRECISIONS), default=next(iter(PRECISIONS)), show_default=True,
-              help=_described(PRECISIONS) + ".")
+@click.option("--precision", type=Named("precision", PRECISIONS), default=next(iter(PRECISIONS)), show_default=True,
+              help=described(PRECISIONS) + ".")
 @click.option("--calibration-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="int8: a text file of calibration prompts, one a line (the last one only gates) "
               "[default: a built-in set of 8].")
@@ -332,7 +255,7 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
             click.echo(f"error: {calibration_prompts}: give at least 2 prompts (the last one only gates)", err=True)
             sys.exit(USAGE_ERROR)
         calibration = Calibration(prompts=prompts, steps=calibration_steps, size=calibration_size)
-    with _stopped_by_signals(out), _one_line_errors(SourceError, ParityError), \
+    with _stopped_by_signals(out), one_line_errors(SourceError, ParityError), \
             tqdm(desc="export", unit="component", delay=0.5) as bar:
         def progress(name, done, total):
             bar.total = total
@@ -347,11 +270,11 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--size", callback=_parse_size, help="WIDTHxHEIGHT: static engines for this one size (steps replay "
+@click.option("--size", callback=parse_size, help="WIDTHxHEIGHT: static engines for this one size (steps replay "
               "as a CUDA graph) [default: the bundle's size ranges].")
-@click.option("--min-size", callback=_parse_size, help="WIDTHxHEIGHT: the smallest size of a dynamic profile.")
-@click.option("--opt-size", callback=_parse_size, help="WIDTHxHEIGHT: the size TensorRT tunes for [default: max].")
-@click.option("--max-size", callback=_parse_size, help="WIDTHxHEIGHT: the largest size of a dynamic profile.")
+@click.option("--min-size", callback=parse_size, help="WIDTHxHEIGHT: the smallest size of a dynamic profile.")
+@click.option("--opt-size", callback=parse_size, help="WIDTHxHEIGHT: the size TensorRT tunes for [default: max].")
+@click.option("--max-size", callback=parse_size, help="WIDTHxHEIGHT: the largest size of a dynamic profile.")
 @click.option("--batch", type=int, help="Images per call, fixed (doubled for the U-Net of a CFG bundle).")
 @click.option("--max-batch", type=int, help="Images per call, up to N (doubled for the U-Net of a CFG bundle).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file to read and "
@@ -372,7 +295,7 @@ def build(bundle, size, min_size, opt_size, max_size, batch, max_batch, timing_c
     from .build.tensorrt import BuildOptions, build_engines
     from .bundle import read_manifest
 
-    with _one_line_errors():
+    with one_line_errors():
         request = BuildRequest.make(size=size, min_size=min_size, opt_size=opt_size, max_size=max_size,
                                     batch=batch, max_batch=max_batch)
         click.echo(precision_line(read_manifest(bundle)))
@@ -388,40 +311,21 @@ def build(bundle, size, min_size, opt_size, max_size, batch, max_batch, timing_c
         click.echo(f"{b.component}: {b.path}{' (already built)' if b.skipped else ''}")
 
 
-def _int_list(ctx, param, value):
-    try:
-        values = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,4") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"{value!r}: give positive integers, e.g. 1,4")
-    return values
-
-
-def _backend_list(ctx, param, value):
-    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown or not names:
-        raise click.BadParameter(f"unknown backend {', '.join(unknown) or repr(value)}; choose from "
-                                 f"{', '.join(BACKENDS)}")
-    return names
-
-
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--steps", "steps", default="1", show_default=True, callback=_int_list, help="Step counts, e.g. 1,4.")
-@click.option("--size", callback=_parse_size, default="512x512", show_default=True, help="WIDTHxHEIGHT.")
-@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list, help="Batch sizes, e.g. 1,4.")
+@click.option("--steps", "steps", default="1", show_default=True, callback=int_list, help="Step counts, e.g. 1,4.")
+@click.option("--size", callback=parse_size, default="512x512", show_default=True, help="WIDTHxHEIGHT.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=int_list, help="Batch sizes, e.g. 1,4.")
 @click.option("--threads", type=int, help="Threads for every engine [default: each engine's own choice].")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Measured runs per configuration.")
 @click.option("--warmup", type=click.IntRange(1), default=1, show_default=True,
               help="Unmeasured renders first (the first is reported as the cold render).")
 @click.option("--compare", default="", help="Peers to run side by side (comma-separated): diffusers (PyTorch fp32, "
               "CPU), diffusers-cuda (PyTorch fp16, GPU: the GPU backends' peer), optimum (ONNX Runtime, CPU).")
-@click.option("--backend", "backends", default="cpu", show_default=True, callback=_backend_list,
+@click.option("--backend", "backends", default="cpu", show_default=True, callback=backend_list,
               help="edgediff's backends, comma-separated (each bundle is timed on each): "
               + ", ".join(BACKENDS) + ".")
-@click.option("--memory", type=_Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
+@click.option("--memory", type=Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="edgediff's memory mode (low: one component loaded at a time).")
 @click.option("--optimum-python", type=click.Path(path_type=Path), default=Path("benchmarks/.venv-optimum/bin/python"),
               show_default=True, help="Python of the virtual environment Optimum runs in.")
@@ -442,7 +346,7 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backend
                         warmup=warmup, compare=[c.strip() for c in compare.split(",") if c.strip()], memory=memory,
                         backends=backends,
                         optimum_python=optimum_python, optimum_model=optimum_model)
-    with _one_line_errors():
+    with one_line_errors():
         record = run_bench(list(bundles), settings, progress=lambda msg: click.echo(msg, err=True))
     click.echo(format_report(record))
     if json_path:
@@ -472,7 +376,7 @@ def info(bundle, verify, as_json, runtime_only, allow_symlinks):
     if runtime_only:
         click.echo("\n".join(describe_runtime()))
         return
-    with _one_line_errors():
+    with one_line_errors():
         show_runtime = bundle is None
         if bundle is None:
             bundle = builtin_bundle()
