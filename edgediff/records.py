@@ -18,6 +18,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 
+class BundleError(Exception):
+    """A bundle that cannot be used; the message is one line saying what is wrong and what to do."""
+
+
 class FieldError(ValueError):
     """A manifest field of the wrong type or value; `where` is its dotted path."""
 
@@ -58,7 +62,7 @@ class FileEntry:
 
     @classmethod
     def of(cls, root: Path, rel: str) -> FileEntry:
-        from .bundle import (  # the checksums live with the bundle's file checks
+        from .bundle_files import (  # the checksums live with the bundle's file checks
             fingerprint_file,
             sha256_file,
         )

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bundle import LoraRecord, sha256_file
+from ..bundle import LoraRecord
+from ..bundle_files import sha256_file
 from .checkpoint import SourceError, refuse_pickle
 from .preflight import check_safetensors
 
