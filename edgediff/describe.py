@@ -41,6 +41,7 @@ def describe_bundle(bundle: Path, manifest: Manifest) -> list[str]:
             where = Path(component.file).parent / graph_cache.CACHE_FOLDER
             lines.append(f"    optimised for {len(cached)} machine(s) ({', '.join(cached)}): "
                          f"{sum(cached.values()) / 1e6:.1f} MB in {where} (re-made on the next load if deleted)")
+        lines += _engine_lines(bundle, manifest, name)
     provenance = manifest.provenance
     if provenance.description:
         lines.append(f"  about: {provenance.description}")
@@ -48,6 +49,16 @@ def describe_bundle(bundle: Path, manifest: Manifest) -> list[str]:
                  f"edgediff {provenance.versions.get('edgediff')}")
     lines.append(f"  {licence_line(provenance)}")
     return lines
+
+
+def _engine_lines(bundle: Path, manifest: Manifest, name: str) -> list[str]:
+    """The TensorRT engines built for a component (`edgediff build`), wherever they live."""
+    from .runtime import engines
+
+    found = engines.engines_for(bundle, manifest, name)
+    return [f"    TensorRT engine: {path.name}, {entry.precision}, {entry.machine.label}, "
+            f"{path.stat().st_size / 1e6 if path.is_file() else 0:.1f} MB, profile "
+            f"{engines.describe_profiles([entry])}" for path, entry in found]
 
 
 def licence_line(provenance: Provenance) -> str:

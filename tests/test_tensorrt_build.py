@@ -153,6 +153,16 @@ def test_build_writes_engines_and_their_index_beside_an_untouched_manifest(gpu, 
     assert not [p for p in (builtin_copy / "engines").iterdir() if ".partial" in p.name]
 
 
+def test_info_lists_the_engines_a_bundle_holds(gpu, builtin_copy):
+    assert "TensorRT engine" not in CliRunner().invoke(main, ["info", str(builtin_copy)]).output
+    build_engines(builtin_copy, BuildOptions(BuildRequest.make(size=(32, 32))))
+    result = CliRunner().invoke(main, ["info", str(builtin_copy)])
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.output.splitlines() if "TensorRT engine" in line]
+    assert len(lines) == 4 and all("fp32" in line and "sm90" in line for line in lines), lines
+    assert any(line.startswith("TensorRT engine: unet.fp32.sm90") for line in lines)
+
+
 def test_a_second_build_skips_what_is_built(gpu, builtin_copy):
     build_engines(builtin_copy)
     again = build_engines(builtin_copy)
