@@ -11,9 +11,9 @@ import sys
 import fake_tensorrt
 import pytest
 from click.testing import CliRunner
+
 from edgediff.build.profiles import BuildRequest, bundle_profiles, component_profile, doubles_batch
 from edgediff.build.tensorrt import BuildOptions, build_engines
-
 from edgediff.bundle import BundleError, read_manifest
 from edgediff.cli import main
 from edgediff.models import BUILTIN_BUNDLE
