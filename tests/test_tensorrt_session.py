@@ -10,10 +10,10 @@ import fake_tensorrt
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from edgediff.build.profiles import BuildRequest
-from edgediff.build.tensorrt import BuildOptions, build_engines
 
 from edgediff import Pipeline
+from edgediff.build.profiles import BuildRequest
+from edgediff.build.tensorrt import BuildOptions, build_engines
 from edgediff.bundle import read_manifest
 from edgediff.cli import main
 from edgediff.models import BUILTIN_BUNDLE
