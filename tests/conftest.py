@@ -78,6 +78,23 @@ def bundle_copy(bundle, tmp_path):
     return get
 
 
+@pytest.fixture
+def builtin_copy(tmp_path):
+    """The built-in bundle, copied so that a test may write into it (caches, engines) or damage it."""
+    from edgediff.models import BUILTIN_BUNDLE
+
+    return Path(shutil.copytree(BUILTIN_BUNDLE, tmp_path / "builtin", ignore=shutil.ignore_patterns(".ort-optimized")))
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """A fake NVIDIA GPU with TensorRT and cuda-python (tests/fake_tensorrt.py); engines cached under tmp_path."""
+    import fake_tensorrt
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return fake_tensorrt.install(monkeypatch)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def builtin_bundle_untouched():
     """No test may write into the package's own built-in bundle (caches, engines): tests copy it first."""

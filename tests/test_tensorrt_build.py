@@ -4,7 +4,6 @@ engine chosen for a request, and the build itself (atomic, resumable) against te
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -21,19 +20,6 @@ from edgediff.runtime import engines
 from edgediff.runtime.engines import EngineEntry, Machine, ShapeRange
 
 H100 = Machine("9.0", "10.8.0.43")
-
-
-@pytest.fixture
-def builtin_copy(tmp_path):
-    dst = tmp_path / "builtin"
-    shutil.copytree(BUILTIN_BUNDLE, dst, ignore=shutil.ignore_patterns(".ort-optimized"))
-    return dst
-
-
-@pytest.fixture
-def gpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return fake_tensorrt.install(monkeypatch)
 
 
 def r(lo, opt, hi):

@@ -4,8 +4,6 @@ every profile)."""
 
 from __future__ import annotations
 
-import shutil
-
 import fake_tensorrt
 import numpy as np
 import pytest
@@ -16,24 +14,10 @@ from edgediff.build.profiles import BuildRequest
 from edgediff.build.tensorrt import BuildOptions, build_engines
 from edgediff.bundle import read_manifest
 from edgediff.cli import main
-from edgediff.models import BUILTIN_BUNDLE
 from edgediff.runtime.backends import open_session
 from edgediff.runtime.sessions import BackendError, FeedError
 
 PROMPT = "a red circle above a blue square"
-
-
-@pytest.fixture
-def builtin_copy(tmp_path):
-    dst = tmp_path / "builtin"
-    shutil.copytree(BUILTIN_BUNDLE, dst, ignore=shutil.ignore_patterns(".ort-optimized"))
-    return dst
-
-
-@pytest.fixture
-def gpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return fake_tensorrt.install(monkeypatch)
 
 
 def render(bundle, backend, **kwargs):

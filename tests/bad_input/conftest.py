@@ -9,7 +9,9 @@ left. API cases use `pytest.raises` with the library's error types instead.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import subprocess
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,13 +57,16 @@ def refused(args: Sequence[object], message: str, watch: Iterable[Path] = (), *,
     return result
 
 
-@pytest.fixture
-def builtin_copy(tmp_path: Path) -> Path:
-    """The built-in bundle, copied so that a case may damage it."""
-    import shutil
-
-    from edgediff.models import builtin_bundle
-
-    source = builtin_bundle()
-    assert source is not None
-    return Path(shutil.copytree(source, tmp_path / "builtin"))
+@contextmanager
+def tmpfs(folder: Path, options: str = "size=64k") -> Iterator[Path]:
+    """A small tmpfs mounted on `folder` (an empty folder) for the block, unmounted after: a full disk, or with
+    "ro," a read-only one, for real. The tests run as root here and in CI; elsewhere the test is skipped."""
+    folder.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount not permitted here ({mounted.stderr.strip()}); needs root or CAP_SYS_ADMIN")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

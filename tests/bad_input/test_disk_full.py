@@ -7,7 +7,6 @@ always by injecting the write error.
 from __future__ import annotations
 
 import errno
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from click.testing import CliRunner
 
 from edgediff.cli import main
 
-from .conftest import refused
+from .conftest import refused, tmpfs
 
 
 def good_png(path: Path) -> bytes:
@@ -26,17 +25,9 @@ def good_png(path: Path) -> bytes:
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mount not permitted here ({mounted.stderr.strip()}); needs root or CAP_SYS_ADMIN, "
-                    "test_an_injected_write_error covers the rest")
-    try:
+    # where mount is not permitted, test_an_injected_write_error covers the rest
+    with tmpfs(tmp_path / "small") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def fill(folder: Path) -> None:

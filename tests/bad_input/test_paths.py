@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 from edgediff.bundle import BundleError, Component, FileEntry, TensorSpec, load_manifest
 from edgediff.runtime.pipeline import Pipeline
 
-from .conftest import refused
+from .conftest import refused, tmpfs
 
 
 def edit_manifest(root: Path, change) -> None:
@@ -186,16 +185,8 @@ def test_one_bad_name_of_several_images_is_refused_first(tmp_path):
 
 
 def test_a_read_only_folder(tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mount not permitted here ({mounted.stderr.strip()}); needs root or CAP_SYS_ADMIN")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as folder:
         refused(render_to(folder / "o.png"), "Read-only file system", watch=[folder])
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.mark.parametrize(("args", "message"), [
