@@ -162,8 +162,9 @@ class Pipeline:
         rng = make_noise(plan.seed, plan.noise)
         warnings: list[str] = []
         conditioning = self.family.condition(prompts, negative_prompt, plan, self.session, warnings, timer)
+        encoders = " or ".join(e.component for e in self.manifest.text_encoders)  # SDXL's feeds mix both
         for feed in conditioning.feeds.values():
-            _check_finite(feed, self.manifest.text_encoders[0].component)
+            _check_finite(feed, encoders)
         sched = build_schedule(self.manifest, plan)
         x = self._initial_latents(plan, conditioning.batch, sched.init_noise_sigma, init_image, latents, rng, timer)
         x, interrupted = self._loop(x, conditioning, plan, sched, rng, callback, timer)
