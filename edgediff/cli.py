@@ -29,7 +29,7 @@ from .cli_options import (
 from .export import PRECISIONS
 from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
-from .runtime.pipeline import MEMORY_MODES
+from .runtime.pipeline import MEMORY_MODES, VAE_TILING
 from .runtime.sampler_catalogue import PRESETS, SAMPLERS
 from .runtime.schedules import DISCRETE, SCHEDULES
 
@@ -72,12 +72,15 @@ def main():
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
 @click.option("--memory", type=Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
+@click.option("--vae-tiling", type=Named("VAE tiling", VAE_TILING), default=VAE_TILING[0], show_default=True,
+              help="Decode (and encode) in overlapping tiles so the VAE's memory is one tile's; auto: from 4x the "
+              "model's native pixel count, or where the whole image would not fit in memory.")
 @click.option("--verify", is_flag=True, help="Hash every bundle file in full before rendering (slow on big bundles; "
               "by default each file's size and a 16-chunk fingerprint are checked).")
 @click.option("--allow-symlinks", is_flag=True, help="Load a bundle whose files are symbolic links to elsewhere "
               "(a hub cache's layout) [default: refused].")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
-           backend, threads, memory, schedule, noise, eta, verify, allow_symlinks):
+           backend, threads, memory, schedule, noise, eta, verify, allow_symlinks, vae_tiling):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
@@ -97,7 +100,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         check_png_targets(paths)  # before the (slow) load and render
         _check_sampling_names(sampler, schedule, eta)
         checked_threads(threads)
-        pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory,
+        pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory, vae_tiling=vae_tiling,
                              verify="full" if verify else "fast", allow_symlinks=allow_symlinks)
         bar = None
 
