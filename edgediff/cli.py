@@ -265,9 +265,18 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
             bar.set_postfix_str(f"{name} proven")
             bar.update(done - bar.n)
 
+        phases: dict = {}
+
+        def phase(what, done, total):  # a second bar for a long step within a component (int8 calibration, ...)
+            if what not in phases:
+                phases[what] = tqdm(desc=f"  {what}", total=total, leave=False, position=1)
+            phases[what].update(done - phases[what].n)
+            if done >= total:
+                phases.pop(what).close()
+
         manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, precision=precision,
                                  calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae,
-                                 clip_skip=clip_skip, progress=progress, license=licence)
+                                 clip_skip=clip_skip, progress=progress, license=licence, phase=phase)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
 
 

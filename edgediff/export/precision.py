@@ -22,6 +22,7 @@ import onnx
 from ..bundle import Conversion, FileEntry, Parity, SessionOptions, TensorSpec
 from ..runtime import graph_cache
 from . import PRECISIONS, gate
+from .calibrate import Phase
 from .onnx import default_ort_options, save_graph
 
 NORMALISATIONS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "BatchNormalization")
@@ -67,6 +68,7 @@ def convert_component(
     calibration_feeds: list[dict[str, np.ndarray]] | None = None,
     *,
     upcast_attention: bool = False,
+    phase: Phase | None = None,
 ) -> tuple[list[Path], SessionOptions, Parity, Conversion]:
     """Convert the proven fp32 graph at `path` to `precision` in place and gate it against the fp32 graph.
 
@@ -81,7 +83,7 @@ def convert_component(
     if precision == "fp16":
         written, options, details = convert_fp16(component, path, upcast_attention=upcast_attention)
     elif precision == "int8":
-        written, options, details = quantize_int8(path, calibration_feeds or [])
+        written, options, details = quantize_int8(path, calibration_feeds or [], phase)
     else:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check = gate.Check(component, f"the {precision} graph", "fp32", gate.REDUCED_TOLERANCES[precision][component])

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ..bundle import Conversion, SessionOptions
+from .calibrate import Phase
 from .onnx import save_graph
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -61,7 +62,8 @@ def _reductions(tensor: str) -> list[onnx.NodeProto]:
             for op in REDUCTIONS]
 
 
-def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: Path):
+def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: Path,
+                      phase: Phase | None = None):
     """Min and max of every float activation a quantizable node reads or writes, over `feeds` (MinMax calibration).
 
     What onnxruntime's MinMax calibrator computes, at a fraction of its memory (docs/int8.md): only the graph is
@@ -107,9 +109,11 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
         names = [f"{t}__{op}" for t in tensors for op in REDUCTIONS]
         low = np.full(len(tensors), np.inf, np.float32)
         high = np.full(len(tensors), -np.inf, np.float32)
-        for feed in feeds:
+        for i, feed in enumerate(feeds):
             values = np.array(session.run(names, feed), dtype=np.float32).reshape(len(tensors), 2)
             low, high = np.minimum(low, values[:, 0]), np.maximum(high, values[:, 1])
+            if phase:
+                phase(f"{path.parent.name} activation ranges", i + 1, len(feeds))
         del session
     finally:
         augmented.unlink(missing_ok=True)
@@ -120,7 +124,8 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     return cache
 
 
-def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[Path], SessionOptions, Conversion]:
+def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]],
+                  phase: Phase | None = None) -> tuple[list[Path], SessionOptions, Conversion]:
     """Quantize the fp32 graph at `path` in place, calibrated on `feeds`.
 
     Returns the files written (the graph, its data, the layer report), the ONNX Runtime options, and the
@@ -134,7 +139,9 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[
 
     keep = float_layers(onnx.load(str(path), load_external_data=False))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as scratch, _quiet():
-        ranges = activation_ranges(path, feeds, Path(scratch))
+        ranges = activation_ranges(path, feeds, Path(scratch), phase)
+        if phase:
+            phase(f"{path.parent.name} quantization", 0, 1)
         out = Path(scratch) / "model.onnx"
         quantize_static(
             str(path),
@@ -164,6 +171,8 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[
         )
         model = onnx.load(str(out))
     written, _ = save_graph(model, path)
+    if phase:
+        phase(f"{path.parent.name} quantization", 1, 1)
     report = layer_report(model, keep)
     del model
     report_path = path.with_name(REPORT_NAME)
