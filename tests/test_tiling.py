@@ -70,7 +70,8 @@ def test_tiling_decides_by_mode_and_size(sd):
     down = pipe.manifest.latent.downscale
     native = min(d.height, d.width) // down
     assert pipe.vae_tile(d.height, d.width) is None  # the native size: one pass
-    assert pipe.vae_tile(2 * d.height, 2 * d.width) == native  # 4x the pixels: tiled
+    assert pipe.vae_tile(2 * d.height, 2 * d.width) is None  # 4x this tiny model's pixels, but tiles under 512²
+    assert pipe.vae_tile(1024, 1024) == native
     assert pipe.vae_tile(2 * d.height, d.width) is None
     assert pipe.vae_tile(2 * d.height, d.width, fits=lambda: False) == native  # would not fit: tiled
     assert Pipeline.load(sd, vae_tiling="on").vae_tile(2 * d.height, d.width) == native

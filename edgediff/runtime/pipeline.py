@@ -38,7 +38,7 @@ from .sampler_catalogue import SAMPLERS
 from .samplers import Noise
 from .schedules import Schedule
 from .sessions import Session, SessionSettings
-from .tiling import AUTO_AREA, VAE_TILING, latent_tile, tiled
+from .tiling import AUTO_AREA, AUTO_MIN_PIXELS, VAE_TILING, latent_tile, tiled
 from .timing import StageTimer
 
 MEMORY_MODES = ("normal", "low")
@@ -101,8 +101,8 @@ class Pipeline:
         then pays the sessions' load time).
 
         vae_tiling="on" decodes (and encodes) images larger than the model's native size in overlapping tiles, so
-        that the VAE's activation memory is one tile's; "auto" does so from 4x the native pixel count, or where
-        the whole-image decode would not fit the memory available; "off" never (runtime/tiling.py)."""
+        that the VAE's activation memory is one tile's; "auto" does so from 4x the native pixel count (and 1024²),
+        or where the whole-image decode would not fit the memory available; "off" never (runtime/tiling.py)."""
         if path is None:
             from ..models import builtin_bundle
 
@@ -206,13 +206,14 @@ class Pipeline:
 
     def vae_tile(self, height: int, width: int, fits: Callable[[], bool] = lambda: True) -> int | None:
         """The VAE's tile side in latent pixels for an image of height x width pixels, or None where it runs on the
-        whole image: by `vae_tiling`, and for "auto" whether the image is 4x the native pixel count or more, or
-        the whole-image pass does not `fits()`."""
+        whole image: by `vae_tiling`, and for "auto" whether the image is 4x the native pixel count or more (and
+        1024² or more), or the whole-image pass does not `fits()`."""
         d, down = self.manifest.defaults, self.manifest.latent.downscale
         tile, _ = latent_tile(min(d.height, d.width) // down)
         if self.vae_tiling == "off" or (height // down <= tile and width // down <= tile):
             return None
-        if self.vae_tiling == "on" or height * width >= AUTO_AREA * d.height * d.width or not fits():
+        large = height * width >= max(AUTO_AREA * d.height * d.width, AUTO_MIN_PIXELS)
+        if self.vae_tiling == "on" or large or not fits():
             return tile
         return None
 

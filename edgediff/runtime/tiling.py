@@ -20,8 +20,11 @@ import numpy as np
 VAE_TILING = ("auto", "on", "off")
 # Overlap between neighbouring tiles, as a fraction of the tile (diffusers' AutoencoderKL tiling uses a quarter too)
 OVERLAP = 0.25
-# "auto" tiles an image with more than this many times the model's native pixel count
+# "auto" tiles an image of at least this many times the model's native pixel count, and never below AUTO_MIN_PIXELS:
+# a tile smaller than 512² is too small for a VAE's GroupNorm statistics (the built-in model's 32² tiles read
+# 12.9 dB against its whole-image decode; docs/tiling.md)
 AUTO_AREA = 4
+AUTO_MIN_PIXELS = 1024 * 1024
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
