@@ -36,6 +36,8 @@ _BUILTIN = {
                      "ONNX Runtime's TensorRT execution provider (needs onnxruntime-gpu and TensorRT)"),
     "tensorrt": ("tensorrt:TrtSession",
                  "native TensorRT engines from `edgediff build`, through cuda-python (needs edgediff[tensorrt])"),
+    "openvino": ("openvino:OpenVinoSession",
+                 "OpenVINO's CPU plugin on the bundle's ONNX, compiled once per machine (needs edgediff[openvino])"),
 }
 
 BACKENDS: dict[str, Backend] = {name: Backend(name, text, factory) for name, (factory, text) in _BUILTIN.items()}
