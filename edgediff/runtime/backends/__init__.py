@@ -36,6 +36,8 @@ _BUILTIN = {
                      "ONNX Runtime's TensorRT execution provider (needs onnxruntime-gpu and TensorRT)"),
     "tensorrt": ("tensorrt:TrtSession",
                  "native TensorRT engines from `edgediff build`, through cuda-python (needs edgediff[tensorrt])"),
+    "auto": ("choice:open_auto", "each component on the CPU backend measured fastest for it on this machine "
+             "(edgediff bench --backend cpu,openvino --choose); cpu where nothing was measured"),
     "openvino": ("openvino:OpenVinoSession",
                  "OpenVINO's CPU plugin on the bundle's ONNX, compiled once per machine (needs edgediff[openvino])"),
 }

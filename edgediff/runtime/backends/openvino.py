@@ -57,7 +57,8 @@ class OpenVinoSession(SessionBase):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{path}: OpenVINO cannot compile it ({first}); use --backend cpu") from None
         self._request = self._compiled.create_infer_request()
-        self._output_names = [t.name for t in self.outputs]
+        # a port may carry several tensor names (an output that is also an intermediate): look each up by ours
+        self._ports = {t.name: self._compiled.output(t.name) for t in self.outputs}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -68,8 +69,7 @@ class OpenVinoSession(SessionBase):
             shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
             raise FeedError(f"{self.name}: out of memory running it on {shapes}; render smaller images or fewer "
                             "at once") from None
-        by_name = {next(iter(port.get_names())): value for port, value in results.items()}
-        return {name: np.array(by_name[name], copy=True) for name in self._output_names}
+        return {name: np.array(results[port], copy=True) for name, port in self._ports.items()}
 
     def close(self) -> None:
         self._request = None
