@@ -183,3 +183,13 @@ def test_activation_ranges_match_onnxruntimes_minmax_calibrator(bundle, tmp_path
     for name in theirs.data:
         np.testing.assert_allclose(ours[name].range_value, np.array(theirs[name].range_value).reshape(2), rtol=1e-6)
     assert not list(path.parent.glob(".calibrate-*"))  # the augmented graph is not left in the bundle
+
+
+def test_int8_graphs_load_from_the_graph_cache(int8_bundle):
+    """The QDQ graphs' "extended" optimisation (their int8 fusions) is saved once per machine, as the fp32 graphs'
+    "all" level is: the export's gate warmed it, so the bundle arrives with it."""
+    from edgediff.runtime import graph_cache
+
+    for component in ("unet", "vae_decoder"):
+        keys = list(graph_cache.cached_graphs(int8_bundle / component))
+        assert keys and all(key.endswith("-ext") for key in keys), keys

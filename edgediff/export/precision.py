@@ -87,5 +87,7 @@ def convert_component(
     else:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check = gate.Check(component, f"the {precision} graph", "fp32", gate.REDUCED_TOLERANCES[precision][component])
-    parity = gate.check_graph(check, path, gate_feeds, reference, names, options)
+    root = path.parent.parent  # the bundle being written: the graph cache keys by the files as the manifest lists them
+    files = tuple(FileEntry.of(root, str(p.relative_to(root))) for p in written)
+    parity = gate.check_graph(check, path, gate_feeds, reference, names, options, files=files)  # warms the cache
     return written, options, replace(parity, against="fp32 graph", samples=len(gate_feeds)), details

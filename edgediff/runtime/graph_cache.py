@@ -97,16 +97,18 @@ def candidate_folders(source: Path, key: str) -> list[Path]:
 def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: Any, providers: list[Any],
                  cache: bool) -> Any:
     """An InferenceSession on `source` at `options`' level; through the cache if `cache` (the manifest's
-    `cache_optimized_graph`), the level is "all" and the session runs on the CPU alone. `providers` are names or
+    `cache_optimized_graph`), the level is "all" or "extended" (int8 QDQ graphs: their QDQ fusions and the weight
+    quantization folded) and the session runs on the CPU alone. `providers` are names or
     (name, options) pairs, as onnxruntime takes them.
 
     The first call optimises `source` and saves the result; later calls load the saved graph with optimisations
     off. A cache that cannot be read or written falls back to an ordinary session."""
-    level_all = options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = options.graph_optimization_level
+    levels = {ort.GraphOptimizationLevel.ORT_ENABLE_ALL: "", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED: "ext"}
     names = [p if isinstance(p, str) else p[0] for p in providers]
     on_cpu = names == ["CPUExecutionProvider"]
-    wanted = cache and level_all and on_cpu and enabled()
-    rewrite = ort_attention.VERSION if enabled(FUSION_SWITCH) else ""
+    wanted = cache and level in levels and on_cpu and enabled()
+    rewrite = "-".join(t for t in (ort_attention.VERSION if enabled(FUSION_SWITCH) else "", levels.get(level)) if t)
     key = cache_key(ort.__version__, files, rewrite) if wanted else None
     if key is None:
         return _session(ort, source, fused_graph(source) if on_cpu else None, options, providers)
@@ -119,7 +121,7 @@ def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: 
                 return ort.InferenceSession(os.fspath(cached), options, providers=providers)
             except Exception:  # a damaged cache is rebuilt, not trusted
                 shutil.rmtree(folder, ignore_errors=True)
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                options.graph_optimization_level = level
     graph = fused_graph(source)
     for folder in folders:
         session = None
