@@ -87,7 +87,7 @@ def test_the_key_follows_the_graph_and_the_onnxruntime_version(bundle):
 
 def test_export_warms_the_cache_of_large_convolutional_graphs(checkpoint, tmp_path, monkeypatch):
     """With every graph counted as large: convolutional graphs are cached at "all" by the export's own parity gate
-    (the bundle arrives optimised for this machine), the text encoder stays at "extended", and renders match."""
+    (the bundle arrives optimised for this machine), the text encoder at "extended", and renders match."""
     from edgediff.export import onnx as export_onnx
     from edgediff.export.convert import export_bundle
 
@@ -98,14 +98,15 @@ def test_export_warms_the_cache_of_large_convolutional_graphs(checkpoint, tmp_pa
     assert components["unet"].ort_options == SessionOptions("all", disable_prepacking=False,
                                                             cache_optimized_graph=True)
     assert components["text_encoder"].ort_options.graph_optimization_level == "extended"
-    assert not components["text_encoder"].ort_options.cache_optimized_graph
+    assert components["text_encoder"].ort_options.cache_optimized_graph
     assert len(_cached(out, "unet")) == 1 and len(_cached(out, "vae_decoder")) == 1
+    assert [g.parent.name.endswith("-ext") for g in _cached(out, "text_encoder")] == [True]
     from click.testing import CliRunner
 
     from edgediff.cli import main
 
     shown = CliRunner().invoke(main, ["info", str(out)]).stdout
-    assert shown.count("optimised for 1 machine(s)") == 3 and "unet/.ort-optimized" in shown  # U-Net, both VAEs
+    assert shown.count("optimised for 1 machine(s)") == 4 and "unet/.ort-optimized" in shown  # and the encoder
     cached = Pipeline.load(out)("a red cat", **RENDER).images
     monkeypatch.setenv(graph_cache.ENV_SWITCH, "off")
     np.testing.assert_allclose(Pipeline.load(out)("a red cat", **RENDER).images, cached, atol=1e-4)
