@@ -20,12 +20,12 @@ T5_WIDTH = 48  # d_model, the transformers' joint_attention_dim
 FLUX_CLIP_WIDTH = 32  # FLUX's CLIP-L pooler_output width, its pooled_projection_dim
 T5_WORDS = ("a red cat on sofa blue dog in the snow blurry low quality ugly lighthouse at dusk oil painting green "
             "tree house river mountain").split()
-# name: (transformer class, T5 present, FLUX guidance embedding)
+# name: (transformer class, T5 present, FLUX guidance embedding, the model card's licence)
 FAMILIES = {
-    "sd3": ("sd3", True, False),
-    "sd3_no_t5": ("sd3", False, False),
-    "flux_dev": ("flux", True, True),
-    "flux_schnell": ("flux", True, False),
+    "sd3": ("sd3", True, False, "other"),
+    "sd3_no_t5": ("sd3", False, False, "other"),
+    "flux_dev": ("flux", True, True, "flux-1-dev-non-commercial-license"),
+    "flux_schnell": ("flux", True, False, "apache-2.0"),
 }
 
 
@@ -83,7 +83,7 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    kind, with_t5, guidance = FAMILIES[family]
+    kind, with_t5, guidance, licence = FAMILIES[family]
     torch.manual_seed(seed)
     tok_dir = out / "_tok"
     vocab = write_clip_tokenizer_files(tok_dir)
@@ -125,4 +125,5 @@ def build(family: str, out: Path, seed: int = 0) -> Path:
             text_encoder_2=t5, tokenizer_2=t5_tok,
         ).save_pretrained(out)
     shutil.rmtree(tok_dir)
+    (out / "README.md").write_text(f"---\nlicense: {licence}\n---\n# a tiny {family}\n")
     return out
