@@ -115,4 +115,4 @@ def test_info_and_samplers_know_sd3(bundle):
     assert info.exit_code == 0, info.output
     assert "sd3" in info.output and "flow_euler" in info.output and "T5" in info.output
     samplers = CliRunner().invoke(main, ["samplers"])
-    assert "sd3" in samplers.output
+    assert "SD3" in samplers.output and "FLUX.1-schnell" in samplers.output
