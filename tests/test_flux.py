@@ -1,0 +1,110 @@
+"""FLUX.1 dev and schnell (MMDiT on packed latents, rotary position ids, CLIP pooled + T5, dynamic-shift flow
+matching): the same images as diffusers' FluxPipeline and FluxImg2ImgPipeline by seed (pixels within 2e-3)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from flow_parity import assert_same_image, init_image, reference  # noqa: E402
+
+from edgediff import Pipeline  # noqa: E402
+from edgediff.runtime.families.flux import UNUSED_NEGATIVE, image_ids, pack, unpack  # noqa: E402
+from edgediff.runtime.plan import RenderError, build_schedule  # noqa: E402
+
+PROMPT = "a lighthouse at dusk, oil painting"
+
+
+@pytest.fixture(scope="module")
+def flux(bundle, checkpoint):
+    loaded = {}
+
+    def get(family, cls="FluxPipeline"):
+        if (family, cls) not in loaded:
+            ours = Pipeline.load(bundle(family))
+            loaded[family, cls] = (ours, reference(cls, checkpoint(family)))
+        return loaded[family, cls]
+
+    return get
+
+
+def _t5_length(ours) -> dict:
+    """diffusers' FluxPipeline pads T5 to 512 unless told; schnell's model card renders with 256, as the bundle."""
+    return {"max_sequence_length": ours.manifest.transformer.max_sequence_length}
+
+
+def test_packing_and_position_ids_are_diffusers(flux):
+    latents = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))
+    packed = diffusers.FluxPipeline._pack_latents(latents, 2, 4, 6, 10).numpy()
+    np.testing.assert_array_equal(pack(latents.numpy()), packed)
+    np.testing.assert_array_equal(unpack(packed, 6, 10), latents.numpy())
+    ids = diffusers.FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32).numpy()
+    np.testing.assert_array_equal(image_ids(6, 10), ids)
+
+
+def test_manifests_tell_dev_from_schnell(bundle):
+    dev, schnell = (json.loads((bundle(f) / "manifest.json").read_text()) for f in ("flux_dev", "flux_schnell"))
+    assert dev["transformer"]["guidance_embeds"] and not schnell["transformer"]["guidance_embeds"]
+    assert (dev["tokenizers"]["tokenizer_2"]["max_length"], schnell["tokenizers"]["tokenizer_2"]["max_length"]) == (
+        512, 256)
+    assert (dev["preset"], dev["defaults"]["steps"], dev["defaults"]["guidance_scale"]) == ("standard", 28, 3.5)
+    assert (schnell["preset"], schnell["defaults"]["steps"], schnell["defaults"]["guidance_scale"]) == ("turbo", 4, 0)
+    assert dev["defaults"]["schedule"] == "flow_dynamic" and dev["scheduler"]["use_dynamic_shifting"]
+    assert dev["provenance"]["licence"] == "flux-1-dev-non-commercial-license"
+    assert [t["name"] for t in dev["components"]["transformer"]["inputs"]] == [
+        "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance"]
+    assert "guidance" not in [t["name"] for t in schnell["components"]["transformer"]["inputs"]]
+
+
+def test_schnell_at_its_preset_4_steps_matches_diffusers(flux):
+    ours, ref = flux("flux_schnell")
+    plan = ours.plan()
+    assert (plan.steps, plan.guidance_scale) == (4, 0.0)
+    assert_same_image(ours, ref, [PROMPT, "a green tree"], num_inference_steps=4, guidance_scale=0.0,
+                      ref_kw=_t5_length(ours))
+
+
+@pytest.mark.parametrize("size", [(32, 48), (64, 32)], ids=["32x48", "64x32"])
+def test_dev_with_its_guidance_embedding_matches_diffusers_at_non_square_sizes(flux, size):
+    ours, ref = flux("flux_dev")
+    height, width = size
+    assert_same_image(ours, ref, PROMPT, height=height, width=width, num_inference_steps=3, guidance_scale=3.5,
+                      num_images_per_prompt=2, ref_kw=_t5_length(ours))
+
+
+def test_dynamic_shift_follows_the_image_size(flux):
+    ours, _ = flux("flux_dev")
+    small, large = (build_schedule(ours.manifest, ours.plan(height=h, width=w, steps=3)) for h, w in ((32, 48),
+                                                                                                       (64, 32)))
+    assert small.sigmas[1] < large.sigmas[1]  # more latent tokens, a larger mu, later steps at more noise
+
+
+def test_true_cfg_with_a_negative_prompt_matches_diffusers(flux):
+    ours, ref = flux("flux_dev")
+    assert_same_image(ours, ref, PROMPT, negative_prompt="blurry", true_cfg_scale=2.0, guidance_scale=3.5,
+                      num_inference_steps=2, ref_kw=_t5_length(ours))
+
+
+def test_negative_prompt_without_true_cfg_is_unused_and_said_so(flux):
+    ours, _ = flux("flux_dev")
+    kw = dict(num_inference_steps=1, height=32, width=32, output_type="np", seed=1)
+    plain = ours(PROMPT, **kw)
+    negative = ours(PROMPT, negative_prompt="blurry", **kw)
+    assert UNUSED_NEGATIVE in negative.warnings and UNUSED_NEGATIVE not in plain.warnings
+    np.testing.assert_array_equal(plain.images, negative.images)
+
+
+def test_true_cfg_is_flux_only(bundle):
+    with pytest.raises(RenderError, match="true_cfg_scale is FLUX's"):
+        Pipeline.load(bundle("sd3"))("a cat", true_cfg_scale=2.0, num_inference_steps=1)
+
+
+def test_dev_img2img_matches_diffusers(flux):
+    ours, ref = flux("flux_dev", "FluxImg2ImgPipeline")
+    assert_same_image(ours, ref, PROMPT, image=init_image(), strength=0.5, num_inference_steps=4, guidance_scale=3.5,
+                      ref_kw=_t5_length(ours))
