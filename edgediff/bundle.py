@@ -308,7 +308,8 @@ def default_axis_ranges(
            for k, r in sides.items()},
         # FLUX's packed image tokens: one per 2x2 latent patch
         "image_sequence": AxisRange(*(getattr(sides["height"], a) // (2 * downscale)
-                                      * (getattr(sides["width"], a) // (2 * downscale)) for a in ("min", "opt", "max"))),
+                                      * (getattr(sides["width"], a) // (2 * downscale))
+                                      for a in ("min", "opt", "max"))),
     }
     unknown = [a for a in axes if a not in known]
     if unknown:
