@@ -116,3 +116,12 @@ def test_info_and_samplers_know_sd3(bundle):
     assert "sd3" in info.output and "flow_euler" in info.output and "T5" in info.output
     samplers = CliRunner().invoke(main, ["samplers"])
     assert "SD3" in samplers.output and "FLUX.1-schnell" in samplers.output
+
+
+def test_clip_skip_takes_the_layer_diffusers_takes(checkpoint, tmp_path):
+    out = tmp_path / "skip1"
+    export_bundle(checkpoint("sd3"), out, clip_skip=1)
+    assert [e.layer for e in Pipeline.load(out).manifest.text_encoders[:2]] == [-3, -3]
+    # diffusers skips layers for the prompt only (its negatives take the default layer): compared without CFG
+    assert_same_image(Pipeline.load(out), reference("StableDiffusion3Pipeline", checkpoint("sd3")), PROMPTS[0],
+                      guidance_scale=0.0, num_inference_steps=2, ref_kw={"clip_skip": 1})

@@ -30,13 +30,20 @@ FAMILIES = {
 
 
 def t5_tokenizer():
-    """A T5-style Unigram tokenizer (pad 0, </s> 1, <unk> 2, '▁'-prefixed words, single characters)."""
+    """A T5-style Unigram tokenizer built with `tokenizers` (pad 0, </s> 1, <unk> 2, '▁'-prefixed words, single
+    characters; Metaspace pre-tokenizer, </s> appended), wrapped as transformers' T5TokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("▁" + w, -2.0 - i * 0.01) for i, w in enumerate(T5_WORDS)] + [("▁", -3.0)]
     pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
 
 
 def _t5(vocab_size: int):
