@@ -93,7 +93,7 @@ def test_t5_truncation_is_reported_at_its_own_length(sd3):
 
 
 @pytest.mark.parametrize("option, message", [
-    ({"precision": "int8"}, "--precision int8: not yet for sd3 bundles"),
+    ({"precision": "fp16"}, "--precision fp16: not yet for sd3 bundles"),
     ({"loras": ["x.safetensors"]}, "--lora: not yet for sd3 bundles"),
     ({"preset": "lcm"}, "--preset lcm: not for sd3 models"),
 ])

@@ -66,7 +66,7 @@ def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=()) -> d
     int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoders run once per render and
     the VAE encoder only for img2img, so they keep fp32's accuracy."""
     if precision == "int8":
-        targets = {"unet": "int8", "vae_decoder": "int8"}
+        targets = {"transformer" if "transformer" in components else "unet": "int8", "vae_decoder": "int8"}
     elif precision == "fp16":
         targets = {name: "fp16" for name in components}
     else:
