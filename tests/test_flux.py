@@ -148,3 +148,14 @@ def test_int8_transformer_renders_close_to_fp32(checkpoint, bundle, tmp_path):
     kw = dict(num_inference_steps=3, height=32, width=48, output_type="np", seed=2)
     int8, fp32 = (Pipeline.load(b)(PROMPT, **kw).images for b in (out, bundle("flux_dev")))
     assert 10 * np.log10(1 / np.mean((int8 - fp32) ** 2)) > 25
+
+
+def test_bench_counts_the_transformer_and_t5(bundle):
+    """`edgediff bench`'s FLOP counts: the transformer as the denoiser's step, at each graph's recorded text length
+    (T5's 512 tokens), both text encoders in the text stage; more image tokens, more work."""
+    from edgediff.bench.harness import Settings, _flops
+
+    small, large = (_flops(bundle("flux_dev"), 1, Settings(width=w, height=h), cfg=False)
+                    for w, h in ((32, 32), (64, 64)))
+    assert all(n > 0 for n in small.values())
+    assert large["unet_step"] > small["unet_step"] and large["text_encoder"] == small["text_encoder"]
