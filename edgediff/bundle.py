@@ -247,9 +247,15 @@ def check_numbers(m: Manifest) -> None:
                          ("scheduler.clip_sample_range", s.clip_sample_range),
                          ("latent.scaling_factor", m.latent.scaling_factor),
                          ("latent.shift_factor", m.latent.shift_factor),
-                         ("defaults.guidance_scale", m.defaults.guidance_scale)):
+                         ("defaults.guidance_scale", m.defaults.guidance_scale), ("scheduler.shift", s.shift),
+                         ("scheduler.base_shift", s.base_shift), ("scheduler.max_shift", s.max_shift)):
         if not math.isfinite(value):
             raise FieldError(where, f"{value!r} is not a finite number")
+    if s.shift <= 0:
+        raise FieldError("scheduler.shift", f"{s.shift!r} is not positive (flow sigmas are scaled by it)")
+    if s.base_image_seq_len >= s.max_image_seq_len:
+        raise FieldError("scheduler", f"base_image_seq_len {s.base_image_seq_len} is not below max_image_seq_len "
+                         f"{s.max_image_seq_len} (FLUX's shift is interpolated between them)")
     if not 0 < s.beta_start <= s.beta_end < 1:
         raise FieldError("scheduler", f"beta_start {s.beta_start} and beta_end {s.beta_end} are not "
                          "0 < start <= end < 1")

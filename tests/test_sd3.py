@@ -51,6 +51,17 @@ def test_manifest_records_the_encoders_t5_length_schedule_and_licence(bundle):
     assert {c["parity"]["against"] for c in m["components"].values()} == {"pytorch"}
 
 
+def test_a_hand_edited_flow_schedule_is_refused_in_one_line(bundle_copy):
+    from edgediff.bundle import BundleError, read_manifest
+
+    root = bundle_copy("sd3")
+    m = json.loads((root / "manifest.json").read_text())
+    for change, field in (({"shift": 0}, "scheduler.shift"), ({"max_image_seq_len": 256}, "base_image_seq_len")):
+        (root / "manifest.json").write_text(json.dumps({**m, "scheduler": {**m["scheduler"], **change}}))
+        with pytest.raises(BundleError, match=field):
+            read_manifest(root)
+
+
 def test_the_bundle_is_plain_onnx(bundle):
     """Attention exports as MatMul / Softmax, no onnxruntime contrib operators (the lead's decision)."""
     import onnx
@@ -68,11 +79,12 @@ def test_sd3_with_t5_cfg_and_negatives_matches_diffusers(sd3):
 def test_sd3_without_t5_feeds_zeros_as_diffusers_does(sd3):
     ours, ref = sd3("sd3_no_t5")
     assert "text_encoder_3" not in ours.manifest.components
-    got = assert_same_image(ours, ref, PROMPTS[0], guidance_scale=5.0, num_inference_steps=2)
+    got = assert_same_image(ours, ref, PROMPTS[0], guidance_scale=5.0, num_inference_steps=2,
+                            num_images_per_prompt=2)
     with_t5, _ = sd3("sd3")
     # same weights but T5: a different image, so that T5's tokens demonstrably reach the transformer
     other = with_t5(PROMPTS[0], guidance_scale=5.0, num_inference_steps=2, height=got.shape[1],
-                    width=got.shape[2], output_type="np", seed=5).images
+                    width=got.shape[2], output_type="np", seed=5, num_images_per_prompt=2).images
     assert np.abs(other - got).max() > 1e-2
 
 
