@@ -198,7 +198,7 @@ def _load_tiny_vae(folder, ck: Checkpoint):
 
 def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
     flow = ck.flow
-    if flow is not None:
+    if flow is not None:  # what SD3 / FLUX bundles cannot do yet, before any work
         flow_families.refuse_options(flow.family, precision=asked.precision, loras=asked.loras,
                                      tiny_vae=asked.tiny_vae)
     encoders = ck.text_encoders(asked.clip_skip)
@@ -261,12 +261,8 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
         tokenizers = {e.tokenizer: _write_tokenizer(ck, e.tokenizer, tmp, lengths.get(e.tokenizer)) for e in encoders}
         defaults = ck.defaults(preset)
         sequences = _sequences(encoders, tokenizers, flow)
-        for name, c in components.items():
-            axes = default_axis_ranges(c.dynamic_axes(), height=defaults.height, width=defaults.width,
-                                       downscale=ck.latent.downscale, size_multiple=ck.size_multiple,
-                                       sequence=sequences.get(name, sequences[""]), max_batch=asked.max_batch,
-                                       size_range=asked.size_range)
-            components[name] = dataclasses.replace(c, axes=axes)
+        components = {name: dataclasses.replace(c, axes=_axes(c, ck, defaults, sequences.get(name, sequences[""]),
+                                                              asked)) for name, c in components.items()}
         manifest = Manifest(
             family=family,
             preset=preset,
@@ -289,6 +285,12 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
                                 proven, keep)
             write_manifest(tmp, manifest)
     return manifest
+
+
+def _axes(c: Component, ck: Checkpoint, defaults, sequence: int, asked: ExportOptions) -> dict:
+    return default_axis_ranges(c.dynamic_axes(), height=defaults.height, width=defaults.width,
+                               downscale=ck.latent.downscale, size_multiple=ck.size_multiple, sequence=sequence,
+                               max_batch=asked.max_batch, size_range=asked.size_range)
 
 
 def _sequences(encoders, tokenizers, flow) -> dict[str, int]:
