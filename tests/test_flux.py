@@ -159,3 +159,17 @@ def test_bench_counts_the_transformer_and_t5(bundle):
                     for w, h in ((32, 32), (64, 64)))
     assert all(n > 0 for n in small.values())
     assert large["unet_step"] > small["unet_step"] and large["text_encoder"] == small["text_encoder"]
+
+
+def test_render_from_the_command_line_with_true_cfg(bundle, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from edgediff.cli import main
+
+    png = tmp_path / "out.png"
+    r = CliRunner().invoke(main, ["render", PROMPT, "-m", str(bundle("flux_dev")), "-o", str(png), "--size", "48x32",
+                                  "--steps", "1", "--negative", "blurry", "--true-cfg", "2"])
+    assert r.exit_code == 0, r.output
+    with Image.open(png) as im:
+        assert im.size == (48, 32) and "True CFG scale: 2" in im.text["parameters"]
