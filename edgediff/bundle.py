@@ -196,6 +196,7 @@ class TransformerConditions:
     max_sequence_length: int = field(metadata=at_least(1))  # T5's tokens (SD3 without T5: zeros of this length)
     joint_attention_dim: int = field(metadata=at_least(1))  # width of the transformer's text tokens (T5's)
     guidance_embeds: bool = False  # FLUX.1-dev: guidance is a model input (distilled), not a CFG batch
+    max_side: int | None = field(default=None, metadata=at_least(1))  # pixels; SD3's position embedding's reach
 
 
 @dataclass(frozen=True)

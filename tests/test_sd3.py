@@ -42,7 +42,8 @@ def test_manifest_records_the_encoders_t5_length_schedule_and_licence(bundle):
         ("text_encoder", "text_embeds", -2), ("text_encoder_2", "text_embeds", -2),
         ("text_encoder_3", None, -1)]
     assert m["tokenizers"]["tokenizer_3"]["max_length"] == 256  # SD3's max_sequence_length, not T5's own 512
-    assert m["transformer"] == {"max_sequence_length": 256, "joint_attention_dim": 48, "guidance_embeds": False}
+    assert m["transformer"] == {"max_sequence_length": 256, "joint_attention_dim": 48, "guidance_embeds": False,
+                                "max_side": 32 * 2 * 8}  # pos_embed_max_size patches of 2 latent pixels
     assert (m["scheduler"]["shift"], m["scheduler"]["use_dynamic_shifting"]) == (3.0, False)
     assert m["defaults"] | {"height": 0, "width": 0} == {"sampler": "flow_euler", "schedule": "flow_shift",
                                                         "steps": 28, "guidance_scale": 7.0, "height": 0, "width": 0}
@@ -60,6 +61,14 @@ def test_a_hand_edited_flow_schedule_is_refused_in_one_line(bundle_copy):
         (root / "manifest.json").write_text(json.dumps({**m, "scheduler": {**m["scheduler"], **change}}))
         with pytest.raises(BundleError, match=field):
             read_manifest(root)
+
+
+def test_a_size_past_the_position_embedding_is_refused_in_one_line(sd3):
+    from edgediff.runtime.plan import RenderError
+
+    ours, _ = sd3("sd3")
+    with pytest.raises(RenderError, match="reaches 512 pixels a side"):
+        ours("a cat", height=512, width=528, num_inference_steps=1)
 
 
 def test_the_bundle_is_plain_onnx(bundle):

@@ -81,9 +81,14 @@ class FlowCheckpoint:
         return FLUX_DEV_SEQUENCE if self.guidance_embeds else FLUX_SCHNELL_SEQUENCE
 
     def conditions(self) -> TransformerConditions:
+        # SD3's learned position embedding covers pos_embed_max_size patches a side, cropped to the render's;
+        # FLUX's rotary one takes any size
+        reach = self.config.get("pos_embed_max_size") if self.family == "sd3" else None
+        patch = int(self.config.get("patch_size", 2))
         return TransformerConditions(max_sequence_length=self.max_sequence_length(),
                                      joint_attention_dim=int(self.config["joint_attention_dim"]),
-                                     guidance_embeds=self.guidance_embeds)
+                                     guidance_embeds=self.guidance_embeds,
+                                     max_side=int(reach) * patch * self.ck.latent.downscale if reach else None)
 
     def tokenizer_lengths(self) -> dict[str, int]:
         """Tokenizer folder -> the length it pads and truncates to, where not the tokenizer's own (T5's)."""

@@ -106,6 +106,10 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
     m = manifest.size_multiple
     if plan.height % m or plan.width % m:
         raise RenderError(f"size {plan.width}x{plan.height} is not a multiple of {m} pixels, which this model needs")
+    most = manifest.transformer.max_side if manifest.transformer is not None else None
+    if most is not None and max(plan.height, plan.width) > most:
+        raise RenderError(f"size {plan.width}x{plan.height}: this model's position embedding reaches {most} pixels "
+                          "a side; render smaller")
     if noise not in NOISE_KINDS:
         raise RenderError(f"unknown noise kind {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
     return plan
