@@ -23,7 +23,7 @@ TOKENIZER_FILES = (
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 HUB_FILES = ["model_index.json", "README.md", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*",
-             "*.safetensors"]
+             "tokenizer_3/*", "*.safetensors", "*.safetensors.index.json"]  # SD3's T5 tokenizer; sharded weights
 MODEL_CARD = "README.md"
 
 
