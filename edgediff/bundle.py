@@ -66,6 +66,7 @@ __all__ = [
     "TensorSpec",
     "TextEncoder",
     "TokenizerRecord",
+    "TransformerConditions",
     "Verify",
     "check_confined",
     "check_files",
@@ -122,6 +123,14 @@ class SchedulerConfig:
     set_alpha_to_one: bool = False  # DDIM: whether the last step lands on sigma 0 or on sigma(t=0)
     clip_sample: bool = False  # DDIM, Heun, LCM: clamp the predicted x0 to +-clip_sample_range
     clip_sample_range: float = 1.0
+    # Flow matching (FlowMatchEulerDiscreteScheduler): SD3's static shift, FLUX's resolution-dependent one (mu
+    # linear in the image token count between the two lengths, from base_shift to max_shift)
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = field(default=256, metadata=at_least(1))
+    max_image_seq_len: int = field(default=4096, metadata=at_least(1))
     source_class: str = ""
     # Sampler name -> the fields whose value differs under that sampler's diffusers class: a key the source config
     # lacks takes each class's own default (DDIMScheduler: set_alpha_to_one and clip_sample true, EulerDiscrete:
@@ -180,6 +189,17 @@ class AddedConditions:
 
 
 @dataclass(frozen=True)
+class TransformerConditions:
+    """SD3 / FLUX: what the MMDiT transformer is fed beyond the text encoders' outputs (runtime/families/sd3.py,
+    flux.py)."""
+
+    max_sequence_length: int = field(metadata=at_least(1))  # T5's tokens (SD3 without T5: zeros of this length)
+    joint_attention_dim: int = field(metadata=at_least(1))  # width of the transformer's text tokens (T5's)
+    guidance_embeds: bool = False  # FLUX.1-dev: guidance is a model input (distilled), not a CFG batch
+    max_side: int | None = field(default=None, metadata=at_least(1))  # pixels; SD3's position embedding's reach
+
+
+@dataclass(frozen=True)
 class Manifest:
     family: str  # "sd1", "sd2", "sdxl", ...
     preset: str  # "standard", "turbo", "lcm", "lightning"
@@ -195,6 +215,7 @@ class Manifest:
     # In order; their hidden states are concatenated on the feature axis (SDXL: CLIP-L then OpenCLIP-bigG).
     text_encoders: tuple[TextEncoder, ...] = field(default=(TextEncoder(),), metadata=NONEMPTY)
     added_conditions: AddedConditions | None = None  # SDXL only
+    transformer: TransformerConditions | None = None  # SD3 and FLUX only
     # The format version read from disk when it was older (migrate.py); its tokenizers are converted in memory.
     migrated_from: int | None = field(default=None, metadata=NOT_WRITTEN)
 
@@ -227,9 +248,15 @@ def check_numbers(m: Manifest) -> None:
                          ("scheduler.clip_sample_range", s.clip_sample_range),
                          ("latent.scaling_factor", m.latent.scaling_factor),
                          ("latent.shift_factor", m.latent.shift_factor),
-                         ("defaults.guidance_scale", m.defaults.guidance_scale)):
+                         ("defaults.guidance_scale", m.defaults.guidance_scale), ("scheduler.shift", s.shift),
+                         ("scheduler.base_shift", s.base_shift), ("scheduler.max_shift", s.max_shift)):
         if not math.isfinite(value):
             raise FieldError(where, f"{value!r} is not a finite number")
+    if s.shift <= 0:
+        raise FieldError("scheduler.shift", f"{s.shift!r} is not positive (flow sigmas are scaled by it)")
+    if s.base_image_seq_len >= s.max_image_seq_len:
+        raise FieldError("scheduler", f"base_image_seq_len {s.base_image_seq_len} is not below max_image_seq_len "
+                         f"{s.max_image_seq_len} (FLUX's shift is interpolated between them)")
     if not 0 < s.beta_start <= s.beta_end < 1:
         raise FieldError("scheduler", f"beta_start {s.beta_start} and beta_end {s.beta_end} are not "
                          "0 < start <= end < 1")
@@ -286,6 +313,10 @@ def default_axis_ranges(
         **sides,
         **{f"latent_{k}": AxisRange(*(getattr(r, a) // downscale for a in ("min", "opt", "max")))
            for k, r in sides.items()},
+        # FLUX's packed image tokens: one per 2x2 latent patch
+        "image_sequence": AxisRange(*(getattr(sides["height"], a) // (2 * downscale)
+                                      * (getattr(sides["width"], a) // (2 * downscale))
+                                      for a in ("min", "opt", "max"))),
     }
     unknown = [a for a in axes if a not in known]
     if unknown:

@@ -22,6 +22,7 @@ from .cli_options import (
     Named,
     described,
     one_line_errors,
+    parameters_text,
     parse_size,
 )
 from .export import PRECISIONS
@@ -59,6 +60,8 @@ def main():
               help="Sigma schedule [default: the bundle preset's, else the sampler's own].")
 @click.option("--eta", type=float, help="ddim: stochasticity, 0 deterministic to 1 DDPM-like [default: 0]; tcd: its "
               "gamma [default: 0.3]. Other samplers take none.")
+@click.option("--true-cfg", type=float, help="FLUX: true CFG scale; above 1 the negative prompt is used (two model "
+              "calls a step) [default: off].")
 @click.option("--noise", type=Named("noise source", NOISE_KINDS), default=next(iter(NOISE_KINDS)), show_default=True,
               help=described(NOISE_KINDS) + ".")
 @click.option("--num-images", type=int, default=1, show_default=True, help="Images to render for the prompt.")
@@ -78,7 +81,7 @@ def main():
 @click.option("--allow-symlinks", is_flag=True, help="Load a bundle whose files are symbolic links to elsewhere "
               "(a hub cache's layout) [default: refused].")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
-           backend, threads, memory, schedule, noise, eta, verify, allow_symlinks, vae_tiling):
+           backend, threads, memory, schedule, noise, eta, true_cfg, verify, allow_symlinks, vae_tiling):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
@@ -113,12 +116,12 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                    height=height, width=width, num_images_per_prompt=num_images, seed=seed, sampler=sampler,
                    image=init_image, strength=strength, callback=progress, schedule=schedule, noise=noise,
-                   eta=eta)
+                   eta=eta, true_cfg_scale=true_cfg)
         if bar is not None:
             bar.close()
     for w in out.warnings:
         click.echo(f"warning: {printable(w)}", err=True)
-    params = _parameters_text(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
+    params = parameters_text(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
     with one_line_errors():
         save_pngs(out.images, paths, params)  # all the images or none: a full disk midway leaves no partial set
     for path in paths:
@@ -140,22 +143,6 @@ def _check_sampling_names(sampler, schedule, eta=None) -> None:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     except ValueError as e:
         raise RenderError(str(e)) from None
-
-
-def _parameters_text(prompt, negative, plan, bundle) -> str:
-    """The PNG's `parameters` chunk, in the layout the popular UIs write and read. The prompts come with control
-    characters escaped (printable): a raw newline would start a line the readers take for a field."""
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    extra = "".join(f", {name}: {value:g}" for name, value in (("Denoising strength", plan.strength),
-                                                               ("Eta", plan.eta)) if value is not None)
-    lines.append(
-        f"Steps: {plan.steps}, Sampler: {plan.sampler}, Schedule: {plan.schedule}, CFG scale: {plan.guidance_scale:g}, "
-        f"Seed: {plan.seed}, Size: {plan.width}x{plan.height}{extra}, "
-        f"Model: {Path(bundle).name}, Engine: edgediff {__version__}"
-    )
-    return "\n".join(lines)
 
 
 @main.command()

@@ -10,18 +10,26 @@ from .runtime import graph_cache
 
 def describe_bundle(bundle: Path, manifest: Manifest) -> list[str]:
     """`edgediff info`'s lines for a bundle."""
-    defaults, scheduler, latent = manifest.defaults, manifest.scheduler, manifest.latent
+    defaults, latent = manifest.defaults, manifest.latent
+    shift = f", shift {latent.shift_factor:g}" if latent.shift_factor else ""
     lines = [
         f"{bundle}: {manifest.family}, preset {manifest.preset}, {manifest.prediction_type} prediction",
         f"  defaults: {defaults.sampler} ({defaults.schedule}), {defaults.steps} steps, "
         f"guidance {defaults.guidance_scale:g}, {defaults.width}x{defaults.height}",
-        f"  schedule: {scheduler.beta_schedule} betas {scheduler.beta_start:g}..{scheduler.beta_end:g} over "
-        f"{scheduler.num_train_timesteps}, {scheduler.timestep_spacing} spacing "
-        f"(from {scheduler.source_class or 'unknown'})",
-        f"  latents: {latent.channels} channels, 1/{latent.downscale} scale, factor {latent.scaling_factor:g}; "
-        f"sizes in multiples of {manifest.size_multiple} px",
+        _schedule_line(manifest),
+        f"  latents: {latent.channels} channels, 1/{latent.downscale} scale, factor {latent.scaling_factor:g}"
+        f"{shift}; sizes in multiples of {manifest.size_multiple} px",
     ]
+    if manifest.transformer is not None:
+        t = manifest.transformer
+        guidance = ("guidance as an input (distilled), no CFG batch" if t.guidance_embeds else
+                    "no guidance input" if manifest.family == "flux" else "batched CFG with negative prompts")
+        lines.append(f"  transformer: {t.max_sequence_length} T5 tokens, text width {t.joint_attention_dim}, "
+                     f"{guidance}")
     for encoder in manifest.text_encoders:
+        if manifest.transformer is not None and not encoder.pooled_output:
+            lines.append(f"  text: {encoder.component} ({encoder.tokenizer}) T5 last_hidden_state")
+            continue
         norm = " + final layer norm" if encoder.final_layer_norm else ""
         skip = f", clip skip {encoder.clip_skip}" if encoder.clip_skip else ""
         pooled = f", pooled {encoder.pooled_output}" if encoder.pooled_output else ""
@@ -49,6 +57,18 @@ def describe_bundle(bundle: Path, manifest: Manifest) -> list[str]:
                  f"edgediff {provenance.versions.get('edgediff')}")
     lines.append(f"  {licence_line(provenance)}")
     return lines
+
+
+def _schedule_line(manifest: Manifest) -> str:
+    s = manifest.scheduler
+    source = f"(from {s.source_class or 'unknown'})"
+    if manifest.prediction_type != "flow":
+        return (f"  schedule: {s.beta_schedule} betas {s.beta_start:g}..{s.beta_end:g} over {s.num_train_timesteps}, "
+                f"{s.timestep_spacing} spacing {source}")
+    if s.use_dynamic_shifting:
+        return (f"  schedule: flow matching, shift by image size (mu {s.base_shift:g}..{s.max_shift:g} over "
+                f"{s.base_image_seq_len}..{s.max_image_seq_len} latent tokens) {source}")
+    return f"  schedule: flow matching, shift {s.shift:g} {source}"
 
 
 def _engine_lines(bundle: Path, manifest: Manifest, name: str) -> list[str]:

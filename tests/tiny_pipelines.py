@@ -98,7 +98,11 @@ def _unet(family: str):
 
 
 def build(family: str, out: Path, seed: int = 0) -> Path:
-    """Build and save a tiny `family` pipeline into `out`; returns `out`."""
+    """Build and save a tiny `family` pipeline into `out` (SD3 and FLUX: tiny_transformers.py); returns `out`."""
+    import tiny_transformers
+
+    if family in tiny_transformers.FAMILIES:
+        return tiny_transformers.build(family, out, seed)
     import diffusers
     import torch
     from diffusers import AutoencoderKL

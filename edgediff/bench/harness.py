@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..bundle import read_manifest
 from ..runtime.graph_cache import cpu_features
+from ..runtime.plan import uses_cfg
 from . import worker
 from .flops import count_flops
 from .peak import measure_peak
@@ -178,8 +179,13 @@ def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tu
                 notes.append(f"{peer}: not installed (pip install 'edgediff[export]'); skipped")
                 continue
             device = "cuda" if peer == "diffusers-cuda" else "cpu"
+            t5 = manifest.transformer.max_sequence_length if manifest.transformer is not None else None
             specs.append((peer, {"engine": "diffusers", "model": str(source), "threads": s.threads, "device": device,
-                                 "spacing": spacing, "sampler": manifest.defaults.sampler}, sys.executable))
+                                 "spacing": spacing, "sampler": manifest.defaults.sampler,
+                                 "max_sequence_length": t5}, sys.executable))
+        elif manifest.transformer is not None:
+            notes.append(f"optimum: not timed for {manifest.family} bundles (its worker runs Stable Diffusion "
+                         "pipelines); skipped")
         else:
             model = s.optimum_model or bundles[0].with_name(bundles[0].name + "-optimum")
             if not Path(s.optimum_python).is_file():
@@ -201,16 +207,27 @@ def edgediff_label(bundle: Path, backend: str, backends: list[str]) -> str:
     return f"edgediff:{bundle.name}" if backends == ["cpu"] else f"edgediff-{backend}:{bundle.name}"
 
 
+def denoiser_of(m) -> str:
+    """The component the "unet" stage times: the U-Net, or SD3's / FLUX's transformer."""
+    return "transformer" if m.transformer is not None else "unet"
+
+
 def _flops(bundle: Path, steps_batch: int, s: Settings, cfg: bool) -> dict[str, int]:
     m = read_manifest(bundle)
     f = m.latent.downscale
-    dims = {"sequence": 77, "height": s.height, "width": s.width,
-            "latent_height": s.height // f, "latent_width": s.width // f}
+    size = {"height": s.height, "width": s.width, "latent_height": s.height // f, "latent_width": s.width // f,
+            "image_sequence": (s.height // (2 * f)) * (s.width // (2 * f))}
+
+    def flops(name: str, batch: int) -> int:
+        c = m.components[name]  # text lengths: the ones the export recorded for this graph
+        return count_flops(bundle / c.file, {**{"sequence": 77}, **{a: r.opt for a, r in c.axes.items()}, **size,
+                                             "batch": batch})
+
     mult = 2 if cfg else 1
     return {
-        "text_encoder": count_flops(bundle / m.components["text_encoder"].file, {**dims, "batch": mult}),
-        "unet_step": count_flops(bundle / m.components["unet"].file, {**dims, "batch": steps_batch * mult}),
-        "vae_decoder": count_flops(bundle / m.components["vae_decoder"].file, {**dims, "batch": steps_batch}),
+        "text_encoder": sum(flops(e.component, mult) for e in m.text_encoders),
+        "unet_step": flops(denoiser_of(m), steps_batch * mult),
+        "vae_decoder": flops("vae_decoder", steps_batch),
     }
 
 
@@ -218,7 +235,7 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
     """Measure every engine on every (steps, batch) configuration; returns the full record (see README)."""
     manifest = read_manifest(bundles[0])
     guidance = manifest.defaults.guidance_scale
-    cfg = guidance > 1.0 and not manifest.guidance_embedding_dim
+    cfg = uses_cfg(manifest, guidance)
     notes: list[str] = []
     specs = _engine_specs(bundles, s, notes)
     for note in notes:
@@ -295,7 +312,7 @@ def _add_limits(entry: dict, bundle: Path, s: Settings, cfg: bool, peak: dict) -
         }
         fraction = {}
         for stage, n in flops.items():
-            component = "unet" if stage == "unet_step" else stage
+            component = denoiser_of(read_manifest(bundle)) if stage == "unet_step" else stage
             limit = peak["int8_gops"] if precisions.get(component) == "int8" else peak["float32_gflops"]
             if times[stage] and limit:
                 fraction[stage] = n / times[stage] / (limit * 1e9)

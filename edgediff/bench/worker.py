@@ -27,6 +27,7 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # SD3 / FLUX: the checkpoint's own, as it is
 }
 
 
@@ -34,8 +35,11 @@ def _peer_call(pipe, clock, spec: dict, sync=lambda: None):
     import torch
 
     name, extra = DIFFUSERS_SCHEDULERS.get(spec["sampler"], DIFFUSERS_SCHEDULERS["euler"])
-    scheduler_cls = getattr(__import__("diffusers"), name)
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, timestep_spacing=spec["spacing"], **extra)
+    if spec["sampler"] != "flow_euler":
+        scheduler_cls = getattr(__import__("diffusers"), name)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, timestep_spacing=spec["spacing"], **extra)
+    # FLUX pads T5 to 512 unless told; the bundle's length is what edgediff runs (SD3: 256 either way)
+    t5 = {"max_sequence_length": spec["max_sequence_length"]} if spec.get("max_sequence_length") else {}
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
 
@@ -45,7 +49,7 @@ def _peer_call(pipe, clock, spec: dict, sync=lambda: None):
                 pipe(
                     req["prompt"], num_inference_steps=req["steps"], guidance_scale=req["guidance"],
                     height=req["height"], width=req["width"], num_images_per_prompt=req["batch"],
-                    generator=torch.Generator().manual_seed(req["seed"]), output_type="np",
+                    generator=torch.Generator().manual_seed(req["seed"]), output_type="np", **t5,
                 )
 
         sync()  # nothing queued on a GPU before the clock starts
@@ -91,7 +95,8 @@ def load_diffusers(spec: dict):
     if cuda:
         pipe.to("cuda")
     clock = _stage_timer()
-    for obj, method, stage in ((pipe, "encode_prompt", "text_encoder"), (pipe.unet, "forward", "steps"),
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    for obj, method, stage in ((pipe, "encode_prompt", "text_encoder"), (denoiser, "forward", "steps"),
                                (pipe.vae, "decode", "vae_decoder")):
         _wrap_synchronised(obj, method, sync, after=True)
         clock.wrap(obj, method, stage)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..bundle import AddedConditions, Defaults, LatentSpace, SchedulerConfig, TextEncoder
 from ..runtime.sampler_catalogue import PRESETS, SAMPLERS
+from . import flow_families
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -22,7 +23,7 @@ TOKENIZER_FILES = (
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 HUB_FILES = ["model_index.json", "README.md", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*",
-             "*.safetensors"]
+             "tokenizer_3/*", "*.safetensors", "*.safetensors.index.json"]  # SD3's T5 tokenizer; sharded weights
 MODEL_CARD = "README.md"
 
 
@@ -82,7 +83,9 @@ class Checkpoint:
     vae_config: dict
     text_config: dict
     scheduler_config: dict
-    text_config_2: dict | None = None  # SDXL's second encoder (OpenCLIP-bigG, with projection)
+    text_config_2: dict | None = None  # SDXL's second encoder (OpenCLIP-bigG, with projection); FLUX's T5
+    transformer_config: dict | None = None  # SD3 / FLUX: the MMDiT in place of a U-Net (unet_config is then {})
+    text_config_3: dict | None = None  # SD3's T5 (absent when the pipeline was saved with text_encoder_3=None)
 
     @classmethod
     def open(cls, src: str | os.PathLike[str]) -> Checkpoint:
@@ -108,10 +111,13 @@ class Checkpoint:
         index = read_json(root / "model_index.json")
         if not _present(index, "text_encoder"):
             raise SourceError(f"{src}: no text_encoder (an SDXL refiner?); only base text-to-image checkpoints export")
+        transformer = _present(index, "transformer")
         return cls(
             root=root,
             index=index,
-            unet_config=config("unet"),
+            unet_config={} if transformer else config("unet"),
+            transformer_config=config("transformer") if transformer else None,
+            text_config_3=config("text_encoder_3") if _present(index, "text_encoder_3") else None,
             vae_config=config("vae"),
             text_config=config("text_encoder"),
             scheduler_config=config("scheduler", "scheduler_config.json"),
@@ -121,7 +127,14 @@ class Checkpoint:
     # --- what the checkpoint is -------------------------------------------------------------------------------
 
     @property
+    def flow(self) -> flow_families.FlowCheckpoint | None:
+        """The SD3 / FLUX side of this checkpoint (export/flow_families.py), None for a U-Net family."""
+        return flow_families.FlowCheckpoint(self) if self.transformer_config is not None else None
+
+    @property
     def family(self) -> str:
+        if self.flow is not None:
+            return self.flow.family
         if self.unet_config.get("addition_embed_type") == "text_time":
             if self.text_config_2 is None:
                 raise SourceError(f"{self.root}: an SDXL U-Net without text_encoder_2; incomplete SDXL pipeline")
@@ -145,7 +158,11 @@ class Checkpoint:
         if requested is not None:
             if requested not in PRESETS:
                 raise SourceError(f"unknown preset {requested!r}; choose one of {', '.join(PRESETS)}")
+            if self.flow is not None:
+                self.flow.check_preset(requested)
             return requested
+        if self.flow is not None:
+            return self.flow.default_preset
         if self.guidance_embedding_dim or self.scheduler_config.get("_class_name") == "LCMScheduler":
             return "lcm"
         return "standard"
@@ -155,6 +172,8 @@ class Checkpoint:
         Where a sampler's diffusers class fills a missing key differently, the manifest records its value too."""
         import diffusers
 
+        if self.flow is not None:
+            return self.flow.scheduler()
         raw = self.scheduler_config
         if raw.get("thresholding"):
             raise SourceError(f"{self.root}: the scheduler config sets thresholding (dynamic thresholding, for "
@@ -193,13 +212,16 @@ class Checkpoint:
     def size_multiple(self) -> int:
         # Each U-Net down block but the last halves the latent; the traced graph fixes the upsampling sizes
         # for latents that divide evenly, so the image side must be a multiple of downscale * 2**downsamples.
+        if self.flow is not None:
+            return self.latent.downscale * 2  # SD3's 2x2 patches, FLUX's 2x2 packing
         downsamples = len(self.unet_config.get("down_block_types", ())) - 1
         return self.latent.downscale * 2**downsamples
 
     def defaults(self, preset: str) -> Defaults:
         """The preset's sampler and schedule (runtime/sampler_catalogue.py PRESETS), steps and guidance, at native
         size."""
-
+        if self.flow is not None:
+            return self.flow.defaults(preset)
         side = int(self.unet_config.get("sample_size", 64)) * self.latent.downscale
         steps, guidance = {"turbo": (1, 0.0), "lightning": (4, 0.0), "standard": (20, 7.5)}.get(preset, (4, 0.0))
         if preset == "lcm":
@@ -234,6 +256,8 @@ class Checkpoint:
         hidden state); SDXL takes hidden_states[-(clip_skip + 2)] without it, and encoder 2's projected pooled
         output. (diffusers applies clip_skip to the prompt only, its negatives always take the default layer;
         a bundle takes the same layer for both.)"""
+        if self.flow is not None:
+            return self.flow.text_encoders(clip_skip)
         sdxl = self.family == "sdxl"
         base = 2 if sdxl else 1
         for config in (self.text_config, self.text_config_2 if sdxl else None):

@@ -24,7 +24,7 @@ from ..bundle import (
     default_axis_ranges,
     write_manifest,
 )
-from . import PRECISIONS, preflight, specs
+from . import PRECISIONS, flow_families, preflight, specs, specs_flow
 from .calibrate import Calibration, Phase, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
 from .lora import Lora, check_components, fuse, parse_lora_arg, read_lora
@@ -42,14 +42,22 @@ COMPONENTS: dict[str, tuple[str, Callable]] = {
 }
 
 
-def plan_components(encoders: tuple[TextEncoder, ...]) -> dict[str, tuple[str, Callable]]:
-    """COMPONENTS with each text encoder's spec set to output the hidden state its record names."""
-    text = {
-        e.component: (e.component, functools.partial(specs.text_encoder_spec, name=e.component, layer=e.layer,
-                                                     final_layer_norm=e.final_layer_norm))
-        for e in encoders
-    }
-    return {**text, **{k: v for k, v in COMPONENTS.items() if k != "text_encoder"}}
+def plan_components(encoders: tuple[TextEncoder, ...], flow_family: str | None = None
+                    ) -> dict[str, tuple[str, Callable]]:
+    """COMPONENTS with each text encoder's spec set to output the hidden state its record names; for SD3 / FLUX
+    (`flow_family`), T5's spec for the encoder without a pooled output and the transformer in the U-Net's place."""
+    def spec(e: TextEncoder) -> Callable:
+        if flow_family is not None and e.pooled_output is None:
+            return functools.partial(specs_flow.t5_encoder_spec, name=e.component)
+        return functools.partial(specs.text_encoder_spec, name=e.component, layer=e.layer,
+                                 final_layer_norm=e.final_layer_norm)
+
+    text = {e.component: (e.component, spec(e)) for e in encoders}
+    rest = {k: v for k, v in COMPONENTS.items() if k != "text_encoder"}
+    if flow_family is not None:
+        del rest["unet"]
+        rest = {"transformer": ("transformer", specs_flow.TRANSFORMER_SPECS[flow_family]), **rest}
+    return {**text, **rest}
 
 
 def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=()) -> dict[str, str]:
@@ -58,7 +66,7 @@ def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=()) -> d
     int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoders run once per render and
     the VAE encoder only for img2img, so they keep fp32's accuracy."""
     if precision == "int8":
-        targets = {"unet": "int8", "vae_decoder": "int8"}
+        targets = {"transformer" if "transformer" in components else "unet": "int8", "vae_decoder": "int8"}
     elif precision == "fp16":
         targets = {name: "fp16" for name in components}
     else:
@@ -89,6 +97,7 @@ def _gate_shapes(ck: Checkpoint) -> tuple[dict[str, int], list[dict[str, int]]]:
             "latent_width": lw,
             "height": lh * f,
             "width": lw * f,
+            "image_sequence": (lh // 2) * (lw // 2),  # FLUX's packed latent tokens
         }
 
     return dims(2, 77, 2 * k, 3 * k), [dims(1, 77, k, k), dims(3, 16, 3 * k, 2 * k)]
@@ -190,8 +199,12 @@ def _load_tiny_vae(folder, ck: Checkpoint):
 
 
 def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
+    flow = ck.flow
+    if flow is not None:  # what SD3 / FLUX bundles cannot do yet, before any work
+        flow_families.refuse_options(flow.family, precision=asked.precision, loras=asked.loras,
+                                     tiny_vae=asked.tiny_vae)
     encoders = ck.text_encoders(asked.clip_skip)
-    plan = plan_components(encoders)
+    plan = plan_components(encoders, flow.family if flow is not None else None)
     check_components(asked.loras, {"unet", *(e.component for e in encoders)})
     keep = kept_fp32(ck, asked.precision, asked.tiny_vae)
     total = len(plan) + len(conversion_targets(asked.precision, plan, keep))
@@ -246,14 +259,12 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
                 ort_options=ort_options,
             )
             proven(name)
-        tokenizers = {e.tokenizer: _write_tokenizer(ck, e.tokenizer, tmp) for e in encoders}
+        lengths = flow.tokenizer_lengths() if flow is not None else {}
+        tokenizers = {e.tokenizer: _write_tokenizer(ck, e.tokenizer, tmp, lengths.get(e.tokenizer)) for e in encoders}
         defaults = ck.defaults(preset)
-        sequence = max(t.max_length for t in tokenizers.values())
-        for name, c in components.items():
-            axes = default_axis_ranges(c.dynamic_axes(), height=defaults.height, width=defaults.width,
-                                       downscale=ck.latent.downscale, size_multiple=ck.size_multiple,
-                                       sequence=sequence, max_batch=asked.max_batch, size_range=asked.size_range)
-            components[name] = dataclasses.replace(c, axes=axes)
+        sequences = _sequences(encoders, tokenizers, flow)
+        components = {name: dataclasses.replace(c, axes=_axes(c, ck, defaults, sequences.get(name, sequences[""]),
+                                                              asked)) for name, c in components.items()}
         manifest = Manifest(
             family=family,
             preset=preset,
@@ -267,6 +278,7 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
             text_encoders=encoders,
             added_conditions=ck.added_conditions,
             guidance_embedding_dim=ck.guidance_embedding_dim,
+            transformer=flow.conditions() if flow is not None else None,
             provenance=_provenance(ck, asked),
         )
         write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
@@ -277,11 +289,30 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
     return manifest
 
 
-def _write_tokenizer(ck: Checkpoint, folder: str, tmp: Path) -> TokenizerRecord:
-    """The source's tokenizer as the bundle's canonical tokenizer.json (export/tokenizer.py)."""
+def _axes(c: Component, ck: Checkpoint, defaults, sequence: int, asked: ExportOptions) -> dict:
+    return default_axis_ranges(c.dynamic_axes(), height=defaults.height, width=defaults.width,
+                               downscale=ck.latent.downscale, size_multiple=ck.size_multiple, sequence=sequence,
+                               max_batch=asked.max_batch, size_range=asked.size_range)
+
+
+def _sequences(encoders, tokenizers, flow) -> dict[str, int]:
+    """The text length each component's "sequence" axis takes: each encoder its tokenizer's; the denoiser (key
+    "") the longest, or for SD3 CLIP's 77 tokens followed by T5's, for FLUX T5's."""
+    own = {e.component: tokenizers[e.tokenizer].max_length for e in encoders}
+    longest = max(own.values())
+    if flow is not None:
+        t5 = flow.max_sequence_length()
+        clip = max(n for name, n in own.items() if name != flow.t5)
+        longest = clip + t5 if flow.family == "sd3" else t5
+    return {**own, "": longest}
+
+
+def _write_tokenizer(ck: Checkpoint, folder: str, tmp: Path, max_length: int | None = None) -> TokenizerRecord:
+    """The source's tokenizer as the bundle's canonical tokenizer.json (export/tokenizer.py), at `max_length`
+    where the pipeline pads it to other than the tokenizer's own length (T5)."""
     entry = ck.index.get(folder)
     class_name = entry[1] if isinstance(entry, list) and len(entry) > 1 else None
-    max_length = save_canonical_tokenizer(ck.root / folder, tmp / folder, class_name)
+    max_length = save_canonical_tokenizer(ck.root / folder, tmp / folder, class_name, max_length)
     return TokenizerRecord(folder, (FileEntry.of(tmp, f"{folder}/{TOKENIZER_FILE}"),), max_length)
 
 

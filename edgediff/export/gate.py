@@ -52,6 +52,7 @@ REDUCED_TOLERANCES: dict[str, dict[str, Tolerance]] = {
     },
     "int8": {
         "unet": Tolerance(relative=0.5, min_psnr_db=22.0),
+        "transformer": Tolerance(relative=0.5, min_psnr_db=22.0),
         "vae_decoder": Tolerance(relative=0.5, min_psnr_db=22.0),
     },
 }

@@ -24,7 +24,8 @@ from .onnx import save_graph
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 # Node-name parts of the layers that turn the timestep (and SDXL's added conditions) into embeddings: tiny
 # matmuls whose error shifts every block's bias at once.
-EMBEDDING_LAYERS = ("time_embedding", "time_emb_proj", "add_embedding", "class_embedding", "time_proj")
+EMBEDDING_LAYERS = ("time_embedding", "time_emb_proj", "add_embedding", "class_embedding", "time_proj",
+                    "time_text_embed")  # SD3 / FLUX: timestep, pooled text and FLUX's guidance, embedded together
 # The convolutions at the latent end of each graph, by their diffusers names (the VAE decoder's first structural
 # conv is post_quant_conv, a 1x1; its conv_in, which widens the 4 latent channels, is as sensitive and as cheap).
 LATENT_CONVS = ("/conv_in/", "/conv_out/", "/post_quant_conv/", "/quant_conv/")

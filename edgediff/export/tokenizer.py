@@ -18,9 +18,11 @@ DEFAULT_MAX_LENGTH = 77  # CLIP's; transformers writes 1e30 ("no limit") into co
 _NO_LIMIT = 10**20
 
 
-def save_canonical_tokenizer(source: Path, out: Path, class_name: str | None = None) -> int:
+def save_canonical_tokenizer(source: Path, out: Path, class_name: str | None = None,
+                             max_length: int | None = None) -> int:
     """Write `out`/tokenizer.json from the tokenizer folder `source` (loaded as `class_name`, the pipeline's
-    model_index entry, else AutoTokenizer); returns the length it pads and truncates to."""
+    model_index entry, else AutoTokenizer); returns the length it pads and truncates to: `max_length` where the
+    pipeline sets it (T5's max_sequence_length), else the tokenizer's own."""
     import transformers
 
     cls = getattr(transformers, class_name or "", None) or transformers.AutoTokenizer
@@ -31,7 +33,8 @@ def save_canonical_tokenizer(source: Path, out: Path, class_name: str | None = N
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise SourceError(f"{source}: no fast tokenizer transformers can load ({first})") from None
     length = tok.model_max_length
-    max_length = length if isinstance(length, int) and 0 < length < _NO_LIMIT else DEFAULT_MAX_LENGTH
+    if max_length is None:
+        max_length = length if isinstance(length, int) and 0 < length < _NO_LIMIT else DEFAULT_MAX_LENGTH
     if tok.pad_token_id is None:
         raise SourceError(f"{source}: the tokenizer has no pad token; set pad_token in tokenizer_config.json")
     backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")

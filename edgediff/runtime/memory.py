@@ -43,6 +43,11 @@ UNET_BYTES_PER_LATENT_PIXEL = 320 * 8 * FLOAT
 # The VAE decoder's last up block runs at full resolution going from 256 to 128 channels; its ResNet keeps the
 # input, the normalised and activated copies and the conv output (about 768 floats) live: 3 KiB, rounded up.
 VAE_BYTES_PER_PIXEL = 4096
+# SD3 / FLUX's MMDiT attends over image patches (2x2 latent pixels) and text tokens together, every block at that
+# one resolution: SD3.5 Large's 38 heads (SD3.5 Medium and FLUX.1 have 24) and FLUX's 3072 channels with its 4x MLP
+# (about 12 such tensors live per token) overestimate each of them.
+TRANSFORMER_HEADS = 38
+TRANSFORMER_BYTES_PER_TOKEN = 3072 * 12 * FLOAT
 GIB = 1 << 30
 
 
@@ -65,7 +70,12 @@ def render_stages(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: boo
         return sum(f.size for f in component.files) if component is not None else 0
 
     unet_batch = images * (2 if cfg else 1)
-    unet = unet_batch * (tokens * tokens * ATTENTION_HEADS * FLOAT + tokens * UNET_BYTES_PER_LATENT_PIXEL)
+    denoiser = "transformer" if manifest.transformer is not None else "unet"
+    if manifest.transformer is not None:
+        joint = tokens // 4 + manifest.transformer.max_sequence_length + 77  # image patches, T5's and CLIP's tokens
+        unet = unet_batch * (joint * joint * TRANSFORMER_HEADS * FLOAT + joint * TRANSFORMER_BYTES_PER_TOKEN)
+    else:
+        unet = unet_batch * (tokens * tokens * ATTENTION_HEADS * FLOAT + tokens * UNET_BYTES_PER_LATENT_PIXEL)
     vae = images * (plan.height * plan.width * VAE_BYTES_PER_PIXEL + tokens * tokens * FLOAT)
     if vae_tile is not None:
         tile_tokens = (vae_tile[0] // down) * (vae_tile[1] // down)
@@ -74,7 +84,7 @@ def render_stages(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: boo
     stages = [Stage(e.component, weights(e.component), 0) for e in manifest.text_encoders]
     if img2img:
         stages.append(Stage("vae_encoder", weights("vae_encoder"), vae))
-    return [*stages, Stage("unet", weights("unet"), unet), Stage("vae_decoder", weights("vae_decoder"), vae)]
+    return [*stages, Stage(denoiser, weights(denoiser), unet), Stage("vae_decoder", weights("vae_decoder"), vae)]
 
 
 def bytes_needed(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: bool, img2img: bool, memory: str,

@@ -85,7 +85,7 @@ class Pipeline:
         self.family = family_for(root, manifest)
         self._sessions: dict[str, Session] = {}
         if memory == "normal":
-            for name in (*(e.component for e in manifest.text_encoders), "unet", "vae_decoder"):
+            for name in (*(e.component for e in manifest.text_encoders), self.family.denoiser, "vae_decoder"):
                 self.session(name)
 
     @classmethod
@@ -155,6 +155,7 @@ class Pipeline:
         noise: str = "torch",
         schedule: str | None = None,
         eta: float | None = None,
+        true_cfg_scale: float | None = None,
     ) -> PipelineOutput:
         timer = StageTimer()
         if output_type not in OUTPUT_TYPES:
@@ -168,7 +169,8 @@ class Pipeline:
         plan = self.plan(image=init_image, steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                          width=width, seed=seed, sampler=sampler, schedule=schedule,
                          images_per_prompt=num_images_per_prompt,
-                         strength=strength if init_image is not None else None, eta=eta, noise=noise)
+                         strength=strength if init_image is not None else None, eta=eta, noise=noise,
+                         true_cfg_scale=true_cfg_scale)
         tile = self._check_memory(plan, len(prompts), img2img=init_image is not None)
         rng = make_noise(plan.seed, plan.noise)
         warnings: list[str] = []
@@ -180,7 +182,7 @@ class Pipeline:
         x = self._initial_latents(plan, conditioning.batch, sched.init_noise_sigma, init_image, latents, rng, timer,
                                   tile)
         x, interrupted = self._loop(x, conditioning, plan, sched, rng, callback, timer)
-        _check_finite(x, "unet")
+        _check_finite(x, self.family.denoiser)
         t = time.perf_counter()
         images = self.decode(x, tile)
         timer.stage("vae_decoder", t)
@@ -231,7 +233,11 @@ class Pipeline:
         clean = self.encode_image(init_image, plan.width, plan.height, rng.randn, tile)  # draws first, as diffusers
         clean = np.repeat(clean, batch // clean.shape[0], axis=0)
         timer.stage("vae_encoder", t)
-        x = (clean + _initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
+        noise = _initial_noise(latents, shape, rng)
+        if self.manifest.prediction_type == "flow":  # flow time s: (1 - s) x0 + s noise, not x0 + sigma noise
+            x = (clean * np.float32(1.0 - init_noise_sigma) + noise * np.float32(init_noise_sigma)).astype(np.float32)
+        else:
+            x = (clean + noise * np.float32(init_noise_sigma)).astype(np.float32)
         return x
 
     def _loop(self, x: np.ndarray, conditioning: Conditioning, plan: RenderPlan, sched: Schedule, rng: NoiseSource,
@@ -241,7 +247,7 @@ class Pipeline:
         options = sampler_settings(self.manifest, plan)  # DDIM's eta and clip_sample
         scheduler = self.manifest.scheduler.for_sampler(plan.sampler)
         denoise = make_denoiser(
-            self.family.model(self.session("unet"), conditioning), self.manifest.prediction_type,
+            self.family.model(self.session(self.family.denoiser), conditioning), self.manifest.prediction_type,
             sched.timestep_for, guidance_scale=conditioning.guidance_scale,
             lcm_timestep_scaling=scheduler.timestep_scaling if info.convention == "lcm" else None,
             clip_x0=options.denoiser_clip)

@@ -44,15 +44,19 @@ class RenderPlan:
     strength: float | None = None  # image-to-image only: how much of the init image is repainted
     eta: float | None = None  # the sampler's stochasticity where it has one (DDIM's eta, TCD's gamma)
     noise: str = "torch"
+    true_cfg_scale: float | None = None  # FLUX only: CFG with a negative prompt beside the guidance embedding
 
     @property
     def size(self) -> tuple[int, int]:
         return self.width, self.height
 
 
-def uses_cfg(manifest: Manifest, guidance_scale: float) -> bool:
+def uses_cfg(manifest: Manifest, guidance_scale: float, true_cfg_scale: float | None = None) -> bool:
     """CFG runs as one batched call (negatives beside prompts) above guidance 1; an LCM U-Net with a guidance
-    embedding takes w as an input instead. The TensorRT build doubles those batches by the same rule."""
+    embedding takes w as an input instead, and FLUX takes guidance as an input (dev) or not at all (schnell),
+    batching negatives only for true CFG. The TensorRT build doubles those batches by the same rule."""
+    if manifest.family == "flux":
+        return true_cfg_scale is not None and true_cfg_scale > 1.0
     return guidance_scale > 1.0 and not manifest.guidance_embedding_dim
 
 
@@ -74,8 +78,14 @@ def resolve_sampler(manifest: Manifest, sampler: str | None, schedule: str | Non
 def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: float | None = None,
               width: int | None = None, height: int | None = None, seed: int | None = 0,
               sampler: str | None = None, schedule: str | None = None, images_per_prompt: int = 1,
-              strength: float | None = None, eta: float | None = None, noise: str = "torch") -> RenderPlan:
+              strength: float | None = None, eta: float | None = None, noise: str = "torch",
+              true_cfg_scale: float | None = None) -> RenderPlan:
     """Resolve and check a render's choices; `strength` is given for image-to-image only."""
+    if true_cfg_scale is not None:
+        true_cfg_scale = _finite("true_cfg_scale", true_cfg_scale)
+        if manifest.family != "flux":
+            raise RenderError("true_cfg_scale is FLUX's; other models take the negative prompt's weight from "
+                              "guidance")
     d = manifest.defaults
     sampler, info, schedule = resolve_sampler(manifest, sampler, schedule)
     if eta is not None:
@@ -91,11 +101,15 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
         seed=int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0, SEED_LIMIT - 1),
         images_per_prompt=_whole("images per prompt", images_per_prompt, 1, MAX_IMAGES),
         strength=None if strength is None else checked_strength(strength),
-        eta=info.eta if eta is None else eta, noise=noise,
+        eta=info.eta if eta is None else eta, noise=noise, true_cfg_scale=true_cfg_scale,
     )
     m = manifest.size_multiple
     if plan.height % m or plan.width % m:
         raise RenderError(f"size {plan.width}x{plan.height} is not a multiple of {m} pixels, which this model needs")
+    most = manifest.transformer.max_side if manifest.transformer is not None else None
+    if most is not None and max(plan.height, plan.width) > most:
+        raise RenderError(f"size {plan.width}x{plan.height}: this model's position embedding reaches {most} pixels "
+                          "a side; render smaller")
     if noise not in NOISE_KINDS:
         raise RenderError(f"unknown noise kind {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
     return plan
@@ -113,12 +127,15 @@ def build_schedule(manifest: Manifest, plan: RenderPlan) -> schedules.Schedule:
     info = SAMPLERS[plan.sampler]
     lcm = info.convention == "lcm"
     strength = plan.strength
+    # latent tokens as SD3's 2x2 patches and FLUX's 2x2 packing count them (flow_dynamic's mu)
+    tokens = (plan.height // (2 * manifest.latent.downscale)) * (plan.width // (2 * manifest.latent.downscale))
     sched = _lookup(schedules.build, manifest.scheduler.for_sampler(plan.sampler), info.convention, plan.schedule,
                     plan.steps, strength=strength if strength is not None and lcm else 1.0,
-                    gamma=sampler_settings(manifest, plan).gamma)
+                    gamma=sampler_settings(manifest, plan).gamma, image_seq_len=tokens)
     if strength is None:
         return sched
-    return sched.starting_at(0 if lcm else schedules.img2img_start(len(sched), strength))
+    flow = info.convention == "flow"
+    return sched.starting_at(0 if lcm else schedules.img2img_start(len(sched), strength, flow=flow))
 
 
 def _finite_real(value: object) -> bool:

@@ -1,4 +1,5 @@
-"""Prompts -> the U-Net's text conditioning, for one text encoder (SD 1.x / 2.x) or two (SDXL).
+"""Prompts -> text conditioning: for one text encoder (SD 1.x / 2.x) or two (SDXL); each encoder's outputs for
+SD3 and FLUX (runtime/families/sd3.py, flux.py), which combine them their own way.
 
 Each encoder of the manifest has its own tokenizer and a graph that already outputs the hidden state the U-Net
 takes (the layer choice, clip skip included, was baked in at export). With several encoders their hidden states are
@@ -55,20 +56,32 @@ class PromptEncoder:
 
     def __call__(self, texts: list[str], session: Callable[[str], Session], warnings: list[str], timer: StageTimer
                  ) -> Embeddings:
-        hidden, pooled = [], None
-        for i, encoder in enumerate(self.encoders):
+        """The U-Net families' conditioning: hidden states concatenated on features, the pooled embedding from
+        the encoder that gives one."""
+        outputs = self.run(texts, session, warnings, timer)
+        hidden = [h for h, _ in outputs]
+        pooled = [p for _, p in outputs if p is not None]
+        return Embeddings(hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1),
+                          pooled[-1] if pooled else None)
+
+    def run(self, texts: list[str], session: Callable[[str], Session], warnings: list[str], timer: StageTimer
+            ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Each encoder's (hidden state, pooled embedding or None), in the manifest's order. What a tokenizer cut
+        off is reported once per token length (SD3 and FLUX: CLIP's 77, then T5's)."""
+        outputs = []
+        reported: set[int] = set()
+        for encoder in self.encoders:
             t = time.perf_counter()
             tokenizer = self.tokenizers[encoder.tokenizer]
             batch = tokenizer.encode(texts)
-            if i == 0:  # every encoder sees the same text: report what was lost once
+            if tokenizer.max_length not in reported:  # every encoder sees the same text
                 _warn(tokenizer, texts, batch.dropped, warnings)
+                reported.add(tokenizer.max_length)
             t = timer.stage("tokenize", t)
             out = session(encoder.component)(input_ids=batch.input_ids)
-            hidden.append(out[encoder.output])
-            if encoder.pooled_output:
-                pooled = out[encoder.pooled_output]
+            outputs.append((out[encoder.output], out[encoder.pooled_output] if encoder.pooled_output else None))
             timer.stage("text_encoder", t)
-        return Embeddings(hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=-1), pooled)
+        return outputs
 
 
 # words of a truncated prompt's cut-off part that its warning shows (a 10,000-word prompt would repeat them all)
@@ -93,7 +106,9 @@ def _warn(tokenizer: ClipTokenizer, texts: list[str], dropped: list[str], warnin
         if unknown:
             more = f" and {len(unknown) - SHOWN_WORDS} more" if len(unknown) > SHOWN_WORDS else ""
             shown = printable(", ".join(unknown[:SHOWN_WORDS]))
-            warnings.append(f"words this model does not know (ignored): {shown}{more}")
+            line = f"words this model does not know (ignored): {shown}{more}"
+            if line not in warnings:  # SD3 / FLUX: CLIP's and T5's vocabularies may both miss a word
+                warnings.append(line)
 
 
 def _dropped(cut: str) -> str:

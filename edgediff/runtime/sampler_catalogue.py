@@ -110,8 +110,10 @@ class Preset:
 # The distilled families' sampling recipes: the export writes the preset's sampler and schedule (with its steps and
 # guidance) into the manifest's defaults, which the runtime reads; this table is for export and `edgediff samplers`.
 PRESETS: dict[str, Preset] = {
-    "standard": Preset("euler", "discrete", "classifier-free guidance, the checkpoint's own spacing"),
-    "turbo": Preset("euler_a", "trailing", "adversarial distillation (SD-Turbo): 1-4 steps, guidance 0"),
+    "standard": Preset("euler", "discrete", "classifier-free guidance, the checkpoint's own spacing (SD3 / FLUX.1-dev: "
+                       "flow_euler, 28 steps, CFG 7 / guidance input 3.5)"),
+    "turbo": Preset("euler_a", "trailing", "adversarial distillation (SD-Turbo): 1-4 steps, guidance 0 (SD3.5 Large "
+                    "Turbo / FLUX.1-schnell: flow_euler, 4 steps)"),
     "lcm": Preset("lcm", "lcm", "latent consistency (LCM, LCM-LoRA): 2-8 steps, w as a guidance embedding"),
     "lightning": Preset("euler", "trailing", "progressive distillation (Lightning, Hyper-SD): 1-8 steps, guidance 0"),
 }

@@ -290,12 +290,19 @@ def flow_shift(steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) 
     return _flow(shift * s / (1 + (shift - 1) * s), n)
 
 
+def flow_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq_len: int = 256,
+            max_seq_len: int = 4096) -> float:
+    """FLUX's shift exponent: linear in the image token count (diffusers' calculate_shift, term for term)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
 def flow_dynamic(steps: int, image_seq_len: int, *, base_shift: float = 0.5, max_shift: float = 1.15,
                  base_seq_len: int = 256, max_seq_len: int = 4096, num_train_timesteps: int = 1000) -> Schedule:
-    """FLUX's resolution-dependent shift: mu grows linearly with the latent token count, and sigmas
-    linspace(1, 1/steps) are mapped by e^mu / (e^mu + 1/s - 1)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    mu = image_seq_len * m + base_shift - m * base_seq_len
+    """FLUX's resolution-dependent shift: sigmas linspace(1, 1/steps) (as FluxPipeline passes them) are mapped by
+    e^mu / (e^mu + 1/s - 1), mu from flow_mu."""
+    mu = flow_mu(image_seq_len, base_shift, max_shift, base_seq_len, max_seq_len)
     s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
     return _flow(math.exp(mu) / (math.exp(mu) + (1 / s - 1)), num_train_timesteps)
 
@@ -309,9 +316,11 @@ def _flow(sigmas: np.ndarray, n: int) -> Schedule:
 
 
 def build(cfg: SchedulerConfig, convention: str, name: str, steps: int, *, strength: float = 1.0,
-          gamma: float = 0.3, image_seq_len: int = 4096, shift: float = 3.0) -> Schedule:
+          gamma: float = 0.3, image_seq_len: int = 4096) -> Schedule:
     """The schedule `name` as the `convention` (see the module docstring) discretises it. `strength` only
-    applies to the distilled conventions, which fold img2img's strength into their timesteps."""
+    applies to the distilled conventions, which fold img2img's strength into their timesteps; `image_seq_len`
+    (latent tokens) only to flow_dynamic. A flow schedule takes its shifts from `cfg` (a config without them,
+    e.g. a U-Net's, gets SD3's static shift 3)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     kind = name if name in ("karras", "exponential") else "discrete"
@@ -327,12 +336,18 @@ def build(cfg: SchedulerConfig, convention: str, name: str, steps: int, *, stren
         return tcd(cfg, steps, gamma, strength)
     if convention == "flow":
         if name == "flow_dynamic":
-            return flow_dynamic(steps, image_seq_len, num_train_timesteps=cfg.num_train_timesteps)
-        return flow_shift(steps, shift, cfg.num_train_timesteps)
+            return flow_dynamic(steps, image_seq_len, base_shift=cfg.base_shift, max_shift=cfg.max_shift,
+                                base_seq_len=cfg.base_image_seq_len, max_seq_len=cfg.max_image_seq_len,
+                                num_train_timesteps=cfg.num_train_timesteps)
+        flow_config = cfg.source_class == "FlowMatchEulerDiscreteScheduler"
+        return flow_shift(steps, cfg.shift if flow_config else 3.0, cfg.num_train_timesteps)
     raise ValueError(f"unknown schedule convention {convention!r}")
 
 
-def img2img_start(steps: int, strength: float) -> int:
-    """The first step an img2img render runs, as diffusers counts it: the last `int(steps * strength)` steps."""
+def img2img_start(steps: int, strength: float, *, flow: bool = False) -> int:
+    """The first step an img2img render runs, as diffusers counts it: the last `int(steps * strength)` steps; its
+    flow-matching pipelines (SD3, FLUX) truncate after subtracting: step int(steps - steps * strength)."""
+    if flow:
+        return int(max(steps - min(steps * strength, steps), 0))
     run = min(int(steps * strength), steps)
     return max(steps - run, 0)

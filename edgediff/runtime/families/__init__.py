@@ -35,6 +35,8 @@ class Conditioning:
 
 
 class Family(Protocol):
+    denoiser: str  # the component the sampler loop calls: "unet", or "transformer" (SD3, FLUX)
+
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
                   session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning: ...
 
@@ -50,6 +52,8 @@ FAMILIES = {
     "sd1": "sd:StableDiffusion",
     "sd2": "sd:StableDiffusion",
     "sdxl": "sdxl:StableDiffusionXL",
+    "sd3": "sd3:StableDiffusion3",
+    "flux": "flux:Flux",
 }
 
 

@@ -22,6 +22,8 @@ from . import Conditioning, Model, SessionFor
 
 
 class StableDiffusion:
+    denoiser = "unet"
+
     def __init__(self, root: Path, manifest: Manifest):
         self.manifest = manifest
         self.prompt_encoder = PromptEncoder(root, manifest)

@@ -1,0 +1,82 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer on 16-channel latents, conditioned on CLIP-L and CLIP-G (hidden
+states and pooled outputs) and T5, guided by batched CFG.
+
+As diffusers' StableDiffusion3Pipeline: the CLIP hidden states are concatenated on features, zero-padded to T5's
+width, and followed on the sequence axis by T5's tokens (all zeros for a pipeline without T5); the pooled outputs
+are concatenated; an absent negative prompt is encoded as "" (no zeroing); CFG batches [uncond, cond].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...bundle import BundleError, Manifest, TransformerConditions
+from ..plan import RenderPlan
+from ..prompts import PromptEncoder
+from ..sessions import Session
+from ..timing import StageTimer
+from . import Conditioning, Model, SessionFor
+from .sd import _cfg_batch, negative_texts
+
+
+def transformer_conditions(manifest: Manifest) -> TransformerConditions:
+    if manifest.transformer is None:
+        raise BundleError(f"this {manifest.family} bundle's manifest has no transformer record; re-export it")
+    return manifest.transformer
+
+
+class StableDiffusion3:
+    denoiser = "transformer"
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.manifest = manifest
+        self.conditions = transformer_conditions(manifest)
+        self.prompt_encoder = PromptEncoder(root, manifest)
+
+    def uses_cfg(self, plan: RenderPlan) -> bool:
+        return plan.guidance_scale > 1.0
+
+    def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
+                  session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning:
+        negatives = negative_texts(negative_prompt, len(prompts)) if self.uses_cfg(plan) else None
+        hidden, pooled = self.encode(prompts + (negatives or []), session, warnings, timer)
+        n = len(prompts)
+        per_image = plan.images_per_prompt
+
+        def halves(x: np.ndarray) -> np.ndarray:
+            cond = np.repeat(x[:n], per_image, axis=0)
+            return _cfg_batch(np.repeat(x[n:], per_image, axis=0) if negatives is not None else None, cond)
+
+        feeds = {"encoder_hidden_states": halves(hidden), "pooled_projections": halves(pooled)}
+        return Conditioning(feeds, n * per_image, plan.guidance_scale if negatives is not None else None)
+
+    def encode(self, texts: list[str], session: SessionFor, warnings: list[str], timer: StageTimer
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The transformer's text tokens [CLIP-L | CLIP-G, zero-padded to T5's width ; T5] and pooled [L | G]."""
+        outputs = self.prompt_encoder.run(texts, session, warnings, timer)
+        encoders = self.prompt_encoder.encoders
+        clip = [h for e, (h, _) in zip(encoders, outputs) if e.pooled_output]
+        t5 = [h for e, (h, _) in zip(encoders, outputs) if not e.pooled_output]
+        width = self.conditions.joint_attention_dim
+        clip_hidden = np.concatenate(clip, axis=-1)
+        if clip_hidden.shape[-1] > width:
+            raise BundleError(f"CLIP's hidden states are {clip_hidden.shape[-1]} wide, the transformer's text "
+                              f"tokens {width}; re-export the bundle")
+        clip_hidden = np.pad(clip_hidden, ((0, 0), (0, 0), (0, width - clip_hidden.shape[-1])))
+        t5_hidden = t5[0] if t5 else np.zeros((len(texts), self.conditions.max_sequence_length, width), np.float32)
+        pooled = np.concatenate([p for _, p in outputs if p is not None], axis=-1)
+        return np.concatenate([clip_hidden, t5_hidden], axis=1).astype(np.float32), pooled
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        lat = self.manifest.latent
+        return batch, lat.channels, height // lat.downscale, width // lat.downscale
+
+    def model(self, session: Session, conditioning: Conditioning) -> Model:
+        bound = session.bind(**conditioning.feeds)
+
+        def transformer(sample: np.ndarray, timestep: np.ndarray) -> np.ndarray:
+            return bound(hidden_states=sample, timestep=timestep)["out_hidden_states"]
+
+        return transformer
