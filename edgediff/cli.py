@@ -1,4 +1,5 @@
-"""The `edgediff` command: render, export, build, info, samplers, bench. Thin: parse, call the library, show progress.
+"""The `edgediff` command: render, export, build, info, samplers, bench (serve and batch: cli_serve.py). Thin:
+parse, call the library, show progress.
 
 Bad input (a missing bundle, a size the model cannot take, an unreadable image…) gets one line on stderr and exit
 code 2, with nothing written.
@@ -23,7 +24,9 @@ from .cli_options import (
     described,
     one_line_errors,
     parse_size,
+    png_parameters,
 )
+from .cli_serve import batch, serve
 from .export import PRECISIONS
 from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
@@ -118,7 +121,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
             bar.close()
     for w in out.warnings:
         click.echo(f"warning: {printable(w)}", err=True)
-    params = _parameters_text(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
+    params = png_parameters(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
     with one_line_errors():
         save_pngs(out.images, paths, params)  # all the images or none: a full disk midway leaves no partial set
     for path in paths:
@@ -140,22 +143,6 @@ def _check_sampling_names(sampler, schedule, eta=None) -> None:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     except ValueError as e:
         raise RenderError(str(e)) from None
-
-
-def _parameters_text(prompt, negative, plan, bundle) -> str:
-    """The PNG's `parameters` chunk, in the layout the popular UIs write and read. The prompts come with control
-    characters escaped (printable): a raw newline would start a line the readers take for a field."""
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    extra = "".join(f", {name}: {value:g}" for name, value in (("Denoising strength", plan.strength),
-                                                               ("Eta", plan.eta)) if value is not None)
-    lines.append(
-        f"Steps: {plan.steps}, Sampler: {plan.sampler}, Schedule: {plan.schedule}, CFG scale: {plan.guidance_scale:g}, "
-        f"Seed: {plan.seed}, Size: {plan.width}x{plan.height}{extra}, "
-        f"Model: {Path(bundle).name}, Engine: edgediff {__version__}"
-    )
-    return "\n".join(lines)
 
 
 @main.command()
@@ -357,6 +344,9 @@ def info(bundle, verify, as_json, runtime_only, allow_symlinks):
 
 
 from . import cli_bench  # noqa: E402,F401  (registers `bench` on main)
+
+main.add_command(serve)
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()

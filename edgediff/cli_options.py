@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
+from . import __version__
 from .runtime.backends import BACKENDS
 
 USAGE_ERROR = 2
@@ -116,3 +118,19 @@ def backend_list(ctx, param, value):
         raise click.BadParameter(f"unknown backend {', '.join(unknown) or repr(value)}; choose from "
                                  f"{', '.join(BACKENDS)}")
     return names
+
+
+def png_parameters(prompt, negative, plan, bundle) -> str:
+    """The PNG's `parameters` chunk, in the layout the popular UIs write and read. The prompts come with control
+    characters escaped (printable): a raw newline would start a line the readers take for a field."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    extra = "".join(f", {name}: {value:g}" for name, value in (("Denoising strength", plan.strength),
+                                                               ("Eta", plan.eta)) if value is not None)
+    lines.append(
+        f"Steps: {plan.steps}, Sampler: {plan.sampler}, Schedule: {plan.schedule}, CFG scale: {plan.guidance_scale:g}, "
+        f"Seed: {plan.seed}, Size: {plan.width}x{plan.height}{extra}, "
+        f"Model: {Path(bundle).name}, Engine: edgediff {__version__}"
+    )
+    return "\n".join(lines)

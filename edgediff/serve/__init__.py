@@ -1,0 +1,1 @@
+"""edgediff serve and batch: the OpenAI images API (FastAPI), Ray Serve and Ray Data. Needs the serve / ray extras."""
