@@ -24,12 +24,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException
 
+from . import BUILTIN_ID
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .queue import Job, JobStopped, QueueFull, Scheduler, Served
 from .requests import ApiError, Checked, Limits, check_request, encode_image, parse_request, read_image
 
 log = logging.getLogger("edgediff.serve")
-BUILTIN = "edgediff-builtin"
 _STOPPED = {"timeout": (504, "the render did not finish within the server's timeout", "timeout"),
             "cancelled": (499, "the request was cancelled", "cancelled"),
             "shutdown": (503, "the server is shutting down; retry on another replica", "shutdown")}
@@ -57,7 +57,7 @@ def load_models(settings: Settings) -> dict[str, Served]:
     paths: list[str | None] = list(settings.bundles) or [None]
     models: dict[str, Served] = {}
     for path in paths:
-        name = BUILTIN if path is None else Path(path).resolve().name
+        name = BUILTIN_ID if path is None else Path(path).resolve().name
         if name in models:
             raise ValueError(f"two bundles are named {name!r}; model ids are the folders' names")
         pipe = Pipeline.load(path, backend=settings.backend, threads=settings.threads)
