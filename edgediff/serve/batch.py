@@ -34,8 +34,10 @@ from ..runtime.images import write_png
 from ..runtime.pipeline import Pipeline, RenderError
 from . import BUILTIN_ID
 
-FIELDS: dict[str, type | tuple[type, ...]] = {"prompt": str, "id": str, "seed": int, "steps": int, "guidance": (int, float), "size": str,
-          "negative_prompt": str, "sampler": str, "schedule": str, "model": str}
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "prompt": str, "id": str, "seed": int, "steps": int, "guidance": (int, float), "size": str,
+    "negative_prompt": str, "sampler": str, "schedule": str, "model": str,
+}
 RESULTS = "results.jsonl"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
