@@ -97,9 +97,29 @@ def serve(bundles, host, port, max_batch, max_queue, timeout, shutdown_timeout, 
         app = build_app(settings)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=max(1, round(shutdown_timeout)),
                             log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    server = _server_class(uvicorn)(config)
     click.echo(f"serving {', '.join(app.state.models)} on http://{host}:{port}/v1", err=True)
     server.run()
+
+
+def _server_class(uvicorn):
+    import signal
+    from contextlib import contextmanager
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self):
+            """SIGTERM / SIGINT start uvicorn's graceful shutdown (a second one forces it), as uvicorn's own; but
+            uvicorn then re-raises the signal, so a shutdown that finished its work would exit 143. This exits 0."""
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 @click.command()

@@ -86,20 +86,7 @@ def create_app(models: dict[str, Served], settings: Settings) -> FastAPI:
     app.state.scheduler, app.state.metrics, app.state.models = scheduler, metrics, models
     _install_errors(app, metrics)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        path = request.url.path
-        if path.startswith("/v1/") and api_key and not _authorised(request, api_key):
-            response: Response = _error_response(ApiError(
-                401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'", kind="authentication_error",
-                code="invalid_api_key"), metrics, "unauthorized")
-        else:
-            response = await call_next(request)
-        endpoint = path if path in _ENDPOINTS else "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -146,6 +133,38 @@ def create_app(models: dict[str, Served], settings: Settings) -> FastAPI:
         return await _answer(request, scheduler, metrics, checked, settings, "image_edit")
 
     return app
+
+
+class _Gate:
+    """The API key check and the per-request metrics, as plain ASGI: Starlette's BaseHTTPMiddleware would wrap
+    `receive`, and `request.is_disconnected()` then never sees a client go away."""
+
+    def __init__(self, app: Any, metrics: Metrics, api_key: str | None) -> None:
+        self.app, self.metrics, self.api_key = app, metrics, api_key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+        status = {"code": 500}
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        if path.startswith("/v1/") and self.api_key and not _authorised(Request(scope), self.api_key):
+            response = _error_response(ApiError(
+                401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'", kind="authentication_error",
+                code="invalid_api_key"), self.metrics, "unauthorized")
+            await response(scope, receive, send_status)
+        else:
+            await self.app(scope, receive, send_status)
+        self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
 _ENDPOINTS = ("/v1/images/generations", "/v1/images/edits", "/v1/models", "/healthz", "/metrics")
@@ -199,7 +218,7 @@ async def _answer(request: Request, scheduler: Scheduler, metrics: Metrics, chec
                                  headers=headers)
     future = _submit(scheduler, job)
     wrapped = asyncio.wrap_future(future)
-    deadline = time.monotonic() + settings.limits.timeout + 1.0
+    deadline = time.monotonic() + settings.limits.timeout
     while not wrapped.done():
         await asyncio.wait([wrapped], timeout=0.1)
         if not wrapped.done() and await request.is_disconnected():
@@ -252,7 +271,7 @@ async def _stream(job: Job, events: asyncio.Queue[tuple[str, Any]], checked: Che
     fmt = req.output_format or "png"
     common = {"background": "opaque", "output_format": fmt, "quality": "auto",
               "size": f"{checked.plan.width}x{checked.plan.height}"}
-    deadline = time.monotonic() + (job.timeout or 0) + 1.0
+    deadline = time.monotonic() + (job.timeout or 0)
     try:
         while True:
             try:
