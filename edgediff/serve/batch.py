@@ -241,5 +241,6 @@ def _ray_results(texts: list[str], options: BatchOptions) -> Iterator[dict[str, 
     rendered = dataset.map_batches(
         Renderer, fn_constructor_kwargs={"bundle": options.bundle, "threads": options.threads,
                                          "backend": options.backend},
-        batch_size=options.batch_size, concurrency=options.replicas, num_cpus=1, batch_format="numpy")
+        batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=options.replicas), num_cpus=1,
+        batch_format="numpy")
     yield from rendered.iter_batches(batch_size=None, batch_format="numpy")
