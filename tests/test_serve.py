@@ -156,3 +156,38 @@ def test_models_health_and_metrics(server):
     assert metric(server, "edgediff_stage_seconds_count", stage="vae_decoder") > 0
     assert metric(server, "edgediff_queue_depth") == 0
     assert metric(server, "edgediff_requests_rejected_total", reason="bad_request") >= 0
+
+
+NO_TORCH = r"""
+import sys
+for name in ("torch", "diffusers", "transformers", "optimum"):
+    sys.modules[name] = None  # makes `import name` raise ImportError
+import json, threading, time, urllib.request
+import uvicorn
+from edgediff.serve.app import Settings, build_app
+server = uvicorn.Server(uvicorn.Config(build_app(Settings()), host="127.0.0.1", port=int(sys.argv[1]),
+                                       log_level="warning"))
+threading.Thread(target=server.run, daemon=True).start()
+while not server.started:
+    time.sleep(0.02)
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/images/generations",
+                                 data=json.dumps({"prompt": "a red circle"}).encode(),
+                                 headers={"Content-Type": "application/json"})
+answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+server.should_exit = True
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers") and sys.modules[m])
+print(json.dumps({"images": len(answer["data"]), "heavy": heavy}))
+"""
+
+
+def test_server_imports_no_torch():
+    import json
+    import subprocess
+    import sys
+
+    from serve_helpers import free_port
+
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, str(free_port())], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"images": 1, "heavy": []}
