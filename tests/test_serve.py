@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from serve_helpers import SLOW, client, get, metric, pixels, running_server  # noqa: E402
+from serve_helpers import client, get, metric, pixels, running_server  # noqa: E402
 
 PROMPT = "a red circle left of a blue square"
 
@@ -60,7 +60,8 @@ def test_batched_requests_keep_their_own_noise(models):
     seeds = [1, 2, 3, 4]
     with running_server(models, max_batch=8) as base:
         c = client(base)
-        slow = threading.Thread(target=lambda: c.images.generate(prompt=PROMPT, extra_body=SLOW))
+        busy = {"sampler": "euler", "steps": 150}  # holds the worker ~1 s while the others queue
+        slow = threading.Thread(target=lambda: c.images.generate(prompt=PROMPT, extra_body=busy))
         slow.start()
         import time
 

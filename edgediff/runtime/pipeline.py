@@ -170,7 +170,7 @@ class Pipeline:
                          width=width, seed=seed, sampler=sampler, schedule=schedule,
                          images_per_prompt=num_images_per_prompt,
                          strength=strength if init_image is not None else None, eta=eta, noise=noise)
-        tile = self._check_memory(plan, len(prompts), img2img=init_image is not None)
+        tile = self.check_memory(plan, len(prompts), img2img=init_image is not None)
         rng = _noise_source(plan, len(prompts), img2img=init_image is not None)
         warnings: list[str] = []
         conditioning = self.family.condition(prompts, negative_prompt, plan, self.session, warnings, timer)
@@ -188,9 +188,10 @@ class Pipeline:
         out = images if output_type == "np" else unit_to_pil(images)
         return PipelineOutput(out, timer.total(), warnings, interrupted, plan)
 
-    def _check_memory(self, plan: RenderPlan, prompts: int, *, img2img: bool) -> int | None:
+    def check_memory(self, plan: RenderPlan, prompts: int, *, img2img: bool) -> int | None:
         """Refuse, before anything is allocated, a render this machine cannot hold (see memory.py's estimate).
-        Returns the VAE's tile side in latent pixels, or None for a whole-image pass."""
+        Returns the VAE's tile side in latent pixels, or None for a whole-image pass. The server calls it before it
+        queues a request."""
         images = prompts * plan.images_per_prompt
         available = memory_estimate.available_bytes()
 

@@ -22,7 +22,6 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from ..runtime import memory as memory_estimate
 from ..runtime.pipeline import Pipeline, RenderError, RenderPlan
 
 log = logging.getLogger("edgediff.serve")
@@ -189,12 +188,11 @@ class Scheduler:
 
     def _fits(self, job: Job, images: int) -> bool:
         """Whether a batch of `images` like `job` fits this machine's memory (runtime/memory.py's estimate)."""
-        pipe = self.models[job.model].pipeline
-        need = memory_estimate.bytes_needed(pipe.manifest, job.plan, images=images,
-                                            cfg=pipe.family.uses_cfg(job.plan), img2img=False, memory=pipe.memory,
-                                            loaded=frozenset(pipe._sessions))
-        available = memory_estimate.available_bytes()
-        return available is None or need <= available
+        try:
+            self.models[job.model].pipeline.check_memory(job.plan, images // job.images, img2img=False)
+        except RenderError:
+            return False
+        return True
 
     def _render(self, batch: list[Job]) -> None:
         first = batch[0]

@@ -15,7 +15,6 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..runtime import memory as memory_estimate
 from ..runtime.pipeline import Pipeline, RenderError, RenderPlan
 
 MAX_PARTIAL_IMAGES = 3  # as OpenAI's API
@@ -136,11 +135,7 @@ def check_request(pipe: Pipeline, model: str, req: ImageRequest, limits: Limits,
                          eta=req.eta)
         if image is None and req.strength is not None:
             raise RenderError("strength is for /v1/images/edits (image-to-image)")
-        need = memory_estimate.bytes_needed(pipe.manifest, plan, images=req.n, cfg=pipe.family.uses_cfg(plan),
-                                            img2img=image is not None, memory=pipe.memory,
-                                            loaded=frozenset(pipe._sessions))
-        memory_estimate.check_fits(need, memory_estimate.available_bytes(),
-                                   f"{req.n} image{'s' if req.n > 1 else ''} of {plan.width}x{plan.height}", "low")
+        pipe.check_memory(plan, 1, img2img=image is not None)  # memory.py's estimate, VAE tiling counted
     except RenderError as e:
         raise ApiError(400, str(e), field_of(str(e))) from None
     return Checked(model, req, plan, image)
