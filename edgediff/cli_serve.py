@@ -73,7 +73,7 @@ def serve(bundles, host, port, max_batch, max_queue, timeout, shutdown_timeout, 
           max_n, max_upload_mb, use_ray, ray_address, replicas, gpus_per_replica, autoscaling):
     """Serve BUNDLES (default: the built-in model, id edgediff-builtin) over OpenAI's images API:
     POST /v1/images/generations and /v1/images/edits, GET /v1/models, /healthz and /metrics."""
-    _need("serve", "fastapi", "uvicorn", "prometheus_client", "multipart")
+    _need("serve", "fastapi", "uvicorn", "prometheus_client", "python_multipart")
     from .serve.app import Settings
     from .serve.requests import Limits
 

@@ -192,3 +192,22 @@ def test_server_imports_no_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"images": 1, "heavy": []}
+
+
+def test_two_bundles_by_folder_name(bundle, tmp_path):
+    import shutil
+
+    from edgediff.serve.app import Settings, load_models
+
+    sd1 = tmp_path / "tiny-sd1"
+    shutil.copytree(bundle("sd1"), sd1)
+    served = load_models(Settings(bundles=[str(sd1)]))
+    served.update(load_models(Settings()))
+    with running_server(served) as base:
+        c = client(base)
+        assert [m.id for m in c.models.list().data] == ["tiny-sd1", "edgediff-builtin"]
+        r = c.images.generate(prompt="a cat", model="tiny-sd1", size="32x32", extra_body={"seed": 2, "steps": 2})
+    expected = served["tiny-sd1"].pipeline("a cat", height=32, width=32, seed=2, num_inference_steps=2).images[0]
+    assert np.abs(pixels(r.data[0].b64_json) - np.asarray(expected, np.int16)).max() <= 1
+    with pytest.raises(ValueError, match="two bundles are named"):
+        load_models(Settings(bundles=[str(sd1), str(sd1)]))

@@ -80,7 +80,9 @@ def create_app(models: dict[str, Served], settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await asyncio.to_thread(scheduler.close, settings.shutdown_timeout)
+        # uvicorn has already let the open requests finish for up to --shutdown-timeout: what still runs now has
+        # lost its client, so it is stopped at once rather than given the timeout a second time
+        await asyncio.to_thread(scheduler.close, 1.0)
 
     app = FastAPI(title="edgediff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.models = scheduler, metrics, models
@@ -117,22 +119,27 @@ def create_app(models: dict[str, Served], settings: Settings) -> FastAPI:
         if int(request.headers.get("content-length") or 0) > limit + (1 << 20):
             raise ApiError(400, f"image: the upload is larger than this server takes ({limit / 2**20:.1f} MiB)",
                            "image")
-        form = await request.form()
-        if "mask" in form:
-            raise ApiError(400, "mask: inpainting is not supported yet; send the image without a mask", "mask")
-        files = [v for k, v in form.multi_items() if k in ("image", "image[]")]
-        if not files or isinstance(files[0], str):
-            raise ApiError(400, "image: upload the init image as a file (multipart form field image)", "image")
-        if len(files) > 1:
-            raise ApiError(400, "image: edits take one image", "image")
-        image = read_image(await files[0].read(), "image", settings.limits)
-        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]") and isinstance(v, str)}
-        req = parse_request(fields)
-        served = _model(models, req.model)
-        checked = check_request(served.pipeline, served.name, req, settings.limits, image=image)
-        return await _answer(request, scheduler, metrics, checked, settings, "image_edit")
+        async with request.form() as form:  # closes the spooled upload
+            return await _edit(request, form, scheduler, metrics, models, settings)
 
     return app
+
+
+async def _edit(request: Request, form: Any, scheduler: Scheduler, metrics: Metrics, models: dict[str, Served],
+                settings: Settings) -> Response:
+    if "mask" in form:
+        raise ApiError(400, "mask: inpainting is not supported yet; send the image without a mask", "mask")
+    files = [v for k, v in form.multi_items() if k in ("image", "image[]")]
+    if not files or isinstance(files[0], str):
+        raise ApiError(400, "image: upload the init image as a file (multipart form field image)", "image")
+    if len(files) > 1:
+        raise ApiError(400, "image: edits take one image", "image")
+    image = read_image(await files[0].read(), "image", settings.limits)
+    fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]") and isinstance(v, str)}
+    req = parse_request(fields)
+    served = _model(models, req.model)
+    checked = check_request(served.pipeline, served.name, req, settings.limits, image=image)
+    return await _answer(request, scheduler, metrics, checked, settings, "image_edit")
 
 
 class _Gate:
@@ -271,7 +278,7 @@ async def _stream(job: Job, events: asyncio.Queue[tuple[str, Any]], checked: Che
     fmt = req.output_format or "png"
     common = {"background": "opaque", "output_format": fmt, "quality": "auto",
               "size": f"{checked.plan.width}x{checked.plan.height}"}
-    deadline = time.monotonic() + (job.timeout or 0)
+    deadline = time.monotonic() + (job.timeout or 24 * 3600.0)
     try:
         while True:
             try:

@@ -80,7 +80,7 @@ class Job:
         """The steps (1-based) after which a preview goes out: evenly spaced, before the last one."""
         steps = self.plan.steps
         return sorted({max(1, min(steps - 1, round(i * steps / (self.partial_images + 1))))
-                       for i in range(1, self.partial_images + 1)} - {0}) if steps > 1 else []
+                       for i in range(1, self.partial_images + 1)}) if steps > 1 else []
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Scheduler:
 
     def close(self, timeout: float) -> None:
         """Refuse new jobs, let the workers finish what is queued and running, and after `timeout` stop the rest
-        at their next step."""
+        at their next step (their requests get 503)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -137,13 +137,13 @@ class Scheduler:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
+            self._stop_all = True
             for job in self._waiting:
                 job.cancel("shutdown")
                 _fail(job, JobStopped("shutdown"))
             self._waiting.clear()
-            self._stop_all = True
 
-    _stop_all = False
+    _stop_all = False  # set at the end of close(): running renders stop at their next step
 
     # --- the workers ------------------------------------------------------------------------------------------
 
