@@ -45,7 +45,7 @@ def _autoscaling(ctx, param, value):
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
               help="Images per Pipeline call: compatible queued requests are rendered together up to this.")
-@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
               help="Requests waiting for a worker; past it, 429 with Retry-After.")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=120.0, show_default=True,
               help="Seconds a request may take, queueing included; then 504 and its render stops.")

@@ -153,3 +153,31 @@ def _up(base: str) -> bool:
         return get(f"{base}/healthz", timeout=1)[0] == 200
     except OSError:
         return False
+
+
+class _Broken:
+    """A Pipeline whose render fails the way a bug would."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+
+def test_a_bug_answers_500_without_its_traceback(models):
+    from edgediff.serve.queue import Served
+
+    real = models["edgediff-builtin"]
+    broken = {real.name: Served(real.name, _Broken(real.pipeline), real.preview)}
+    with running_server(broken) as base:
+        c = client(base)
+        for stream in (False, True):  # a 500, or mid-stream an error event (openai.APIError either way)
+            with pytest.raises(openai.APIError) as e:
+                list(c.images.generate(prompt=PROMPT, stream=True)) if stream else c.images.generate(prompt=PROMPT)
+            assert "secret" not in str(e.value.body) and "Traceback" not in str(e.value.body)
+            assert e.value.body["type"] == "server_error"
+        assert c.images.generate is not None and get(f"{base}/healthz")[0] == 200  # the worker survived

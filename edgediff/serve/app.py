@@ -10,7 +10,6 @@ import base64
 import hmac
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,10 +23,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException
 
+from ..runtime.plan import RenderError
 from . import BUILTIN_ID
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .queue import Job, JobStopped, QueueFull, Scheduler, Served
-from .requests import ApiError, Checked, Limits, check_request, encode_image, parse_request, read_image
+from .requests import (
+    ApiError,
+    Checked,
+    Limits,
+    check_request,
+    encode_image,
+    field_of,
+    parse_request,
+    read_image,
+)
 
 log = logging.getLogger("edgediff.serve")
 _STOPPED = {"timeout": (504, "the render did not finish within the server's timeout", "timeout"),
@@ -265,10 +274,10 @@ def _result(future: Any, metrics: Metrics) -> tuple[list[Image.Image], dict[str,
         return result
     except JobStopped as e:
         raise _stopped(e.reason) from None
-    except ValueError as e:  # RenderError from the pipeline: what the request asked is impossible
-        from .requests import field_of
-
+    except RenderError as e:  # from the pipeline: what the request asked is impossible
         raise ApiError(400, str(e), field_of(str(e))) from None
+    except Exception:  # a bug in a worker: its traceback is in the log (queue.py), never in the answer
+        raise ApiError(500, "internal server error (the server's log has the details)", kind="server_error") from None
 
 
 async def _stream(job: Job, events: asyncio.Queue[tuple[str, Any]], checked: Checked, metrics: Metrics,
@@ -348,7 +357,3 @@ def _install_errors(app: FastAPI, metrics: Metrics) -> None:
         log.exception("internal error on %s", request.url.path)
         return _error_response(ApiError(500, "internal server error (the server's log has the details)",
                                         kind="server_error"), metrics)
-
-
-def api_key_from_env(given: str | None) -> str | None:
-    return given or os.environ.get("EDGEDIFF_API_KEY") or None
