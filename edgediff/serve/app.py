@@ -79,12 +79,10 @@ def build_app(settings: Settings) -> FastAPI:
 
 
 def create_app(models: dict[str, Served], settings: Settings) -> FastAPI:
-    scheduler_box: list[Scheduler] = []
-    metrics = Metrics(lambda: scheduler_box[0].depth, lambda: scheduler_box[0].running)
+    # the gauges read the scheduler when scraped, after it exists
+    metrics = Metrics(lambda: scheduler.depth, lambda: scheduler.running)
     scheduler = Scheduler(models, workers=settings.workers or len(models), max_batch=settings.max_batch,
                           max_queue=settings.max_queue, observe=metrics.observe)
-    scheduler_box.append(scheduler)
-    api_key = settings.api_key
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,8 +94,7 @@ def create_app(models: dict[str, Served], settings: Settings) -> FastAPI:
     app = FastAPI(title="edgediff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics, app.state.models = scheduler, metrics, models
     _install_errors(app, metrics)
-
-    app.add_middleware(_Gate, metrics=metrics, api_key=api_key)
+    app.add_middleware(_Gate, metrics=metrics, api_key=settings.api_key)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -196,7 +193,7 @@ def _model(models: dict[str, Served], name: str | None) -> Served:
     if name is None:
         return next(iter(models.values()))
     if name not in models:
-        raise ApiError(404 if models else 400, f"model {name!r} is not served here; choose one of "
+        raise ApiError(404, f"model {name!r} is not served here; choose one of "
                        f"{', '.join(models)}", "model", code="model_not_found")
     return models[name]
 
@@ -239,12 +236,14 @@ async def _answer(request: Request, scheduler: Scheduler, metrics: Metrics, chec
         await asyncio.wait([wrapped], timeout=0.1)
         if not wrapped.done() and await request.is_disconnected():
             job.cancel()
+            wrapped.cancel()  # nobody will read its result
             metrics.rejected.labels("cancelled").inc()
             return Response(status_code=499)
         if not wrapped.done() and time.monotonic() > deadline:
             job.cancel("timeout")
+            wrapped.cancel()
             raise _stopped("timeout")
-    images, _info = _result(wrapped, metrics)
+    images, _info = _result(wrapped)
     metrics.images.labels(checked.model).inc(len(images))
     req = checked.request
     fmt = req.output_format or "png"
@@ -268,7 +267,7 @@ def _stopped(reason: str) -> ApiError:
     return ApiError(status, message, kind="timeout_error" if status == 504 else "server_error", code=code)
 
 
-def _result(future: Any, metrics: Metrics) -> tuple[list[Image.Image], dict[str, Any]]:
+def _result(future: Any) -> tuple[list[Image.Image], dict[str, Any]]:
     try:
         result: tuple[list[Image.Image], dict[str, Any]] = future.result()
         return result
@@ -303,7 +302,7 @@ async def _stream(job: Job, events: asyncio.Queue[tuple[str, Any]], checked: Che
                                "partial_image_index": index})
                 continue
             try:
-                images, _info = _result(job.future, metrics)
+                images, _info = _result(job.future)
             except ApiError as e:
                 if e.status in (503, 504):
                     metrics.rejected.labels("timeout" if e.status == 504 else "shutdown").inc()

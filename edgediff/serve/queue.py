@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -228,8 +228,8 @@ class Scheduler:
             done += job.images
             if job.expired(now) or out.interrupted:
                 _fail(job, JobStopped(job.stopped or "cancelled"))
-            elif not job.future.done():
-                job.future.set_result((mine, {"timings": out.timings, "plan": out.plan, "batch": len(batch)}))
+            else:
+                _settle(job, (mine, {"timings": out.timings, "plan": out.plan, "batch": len(batch)}))
 
     def _step_callback(self, batch: list[Job], served: Served) -> Callable[[int, int, np.ndarray], bool | None]:
         """Stops the render when every job in it is cancelled or out of time; sends the previews asked for."""
@@ -251,5 +251,14 @@ class Scheduler:
 
 
 def _fail(job: Job, error: BaseException) -> None:
-    if not job.future.done():
+    try:
         job.future.set_exception(error)
+    except InvalidStateError:  # the request gave up on it first (a client gone, a timeout)
+        pass
+
+
+def _settle(job: Job, result: tuple[list[Image.Image], dict[str, Any]]) -> None:
+    try:
+        job.future.set_result(result)
+    except InvalidStateError:
+        pass
