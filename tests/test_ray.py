@@ -5,6 +5,10 @@ prompt (a re-run completes the set, no PNG half-written), and `serve --ray` answ
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -47,24 +51,35 @@ def in_process(prompts):
     return {p.name: p.read_bytes() for p in out.glob("*.png")}
 
 
-def test_serve_ray_answers_the_openai_client(cluster):
+def test_serve_ray_answers_the_openai_client(cluster, tmp_path):
+    """`edgediff serve --ray` joins the cluster, deploys, answers; SIGTERM takes the deployment down."""
     openai = pytest.importorskip("openai")
-    from ray import serve
     from serve_helpers import free_port, pixels
 
     from edgediff import Pipeline
-    from edgediff.serve.app import Settings
-    from edgediff.serve.ray_serve import start
 
-    url = start(Settings(), port=free_port(), replicas=1)
+    c, _ = cluster
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "edgediff.cli", "serve", "--ray", "--ray-address", c.address,
+                             "--port", str(port), "--replicas", "1"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
-        r = c.images.generate(prompt="a blue square", n=2, extra_body={"seed": 3})
-        assert [m.id for m in c.models.list().data] == ["edgediff-builtin"]
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 120
+        while url not in (tmp_path / "serve.log").read_text():  # the CLI says the URL once every replica is up
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        r = client.images.generate(prompt="a blue square", n=2, extra_body={"seed": 3})
+        assert [m.id for m in client.models.list().data] == ["edgediff-builtin"]
         with pytest.raises(openai.BadRequestError):
-            c.images.generate(prompt="a blue square", size="33x33")
+            client.images.generate(prompt="a blue square", size="33x33")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
     finally:
-        serve.shutdown()
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
     expected = Pipeline.load(None)("a blue square", num_images_per_prompt=2, seed=3).images
     for d, e in zip(r.data, expected, strict=True):
         assert np.abs(pixels(d.b64_json) - np.asarray(e, np.int16)).max() <= 1

@@ -59,11 +59,12 @@ def run_ray_serve(settings: Settings, *, host: str, port: int, address: str | No
     """Deploy, then hold the driver until SIGTERM or Ctrl-C, and take the deployment down gracefully."""
     from ray import serve
 
+    url = start(settings, host=host, port=port, address=address, replicas=replicas, gpus=gpus,
+                autoscaling=autoscaling)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs a SIGTERM handler of its own
         signal.signal(sig, lambda *_: stop.set())
-    ready(start(settings, host=host, port=port, address=address, replicas=replicas, gpus=gpus,
-                autoscaling=autoscaling))
+    ready(url)
     stop.wait()
     serve.delete(APP_NAME)
     serve.shutdown()
