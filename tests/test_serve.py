@@ -91,6 +91,10 @@ def test_edits_image_to_image(server, models):
                       extra_body={"strength": 0.6, "seed": 5})
     expected = models["edgediff-builtin"].pipeline(PROMPT, image=init, strength=0.6, seed=5).images[0]
     assert np.abs(pixels(r.data[0].b64_json) - np.asarray(expected, np.int16)).max() <= 1
+    events = list(c.images.edit(image=("init.png", buf.getvalue(), "image/png"), prompt=PROMPT, stream=True,
+                                partial_images=1, extra_body={"strength": 0.6, "seed": 5}))
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert np.abs(pixels(events[-1].b64_json) - pixels(r.data[0].b64_json)).max() <= 1
     with pytest.raises(openai.BadRequestError) as e:
         c.images.edit(image=("init.png", buf.getvalue(), "image/png"), mask=("m.png", buf.getvalue(), "image/png"),
                       prompt=PROMPT)
@@ -98,6 +102,15 @@ def test_edits_image_to_image(server, models):
     with pytest.raises(openai.BadRequestError) as e:
         c.images.edit(image=("init.png", b"not an image", "image/png"), prompt=PROMPT)
     assert e.value.body["param"] == "image"
+
+
+def test_output_formats(server):
+    for fmt, pil in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        r = client(server).images.generate(prompt=PROMPT, output_format=fmt, output_compression=10)
+        assert r.output_format == fmt
+        import base64
+
+        assert Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).format == pil
 
 
 def test_streaming_partial_images(server):
