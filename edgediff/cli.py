@@ -1,4 +1,5 @@
-"""The `edgediff` command: render, export, build, info, samplers, bench. Thin: parse, call the library, show progress.
+"""The `edgediff` command: render, export, build, info, samplers, bench (serve and batch: cli_serve.py). Thin:
+parse, call the library, show progress.
 
 Bad input (a missing bundle, a size the model cannot take, an unreadable image…) gets one line on stderr and exit
 code 2, with nothing written.
@@ -22,9 +23,10 @@ from .cli_options import (
     Named,
     described,
     one_line_errors,
-    parameters_text,
     parse_size,
+    png_parameters,
 )
+from .cli_serve import batch, serve
 from .export import PRECISIONS
 from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
@@ -121,7 +123,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
             bar.close()
     for w in out.warnings:
         click.echo(f"warning: {printable(w)}", err=True)
-    params = parameters_text(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
+    params = png_parameters(printable(prompt), printable(negative) if negative else None, out.plan, pipe.root)
     with one_line_errors():
         save_pngs(out.images, paths, params)  # all the images or none: a full disk midway leaves no partial set
     for path in paths:
@@ -344,6 +346,9 @@ def info(bundle, verify, as_json, runtime_only, allow_symlinks):
 
 
 from . import cli_bench  # noqa: E402,F401  (registers `bench` on main)
+
+main.add_command(serve)
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()

@@ -120,7 +120,7 @@ def backend_list(ctx, param, value):
     return names
 
 
-def parameters_text(prompt, negative, plan, bundle) -> str:
+def png_parameters(prompt, negative, plan, bundle) -> str:
     """The PNG's `parameters` chunk, in the layout the popular UIs write and read. The prompts come with control
     characters escaped (printable): a raw newline would start a line the readers take for a field."""
     lines = [prompt]

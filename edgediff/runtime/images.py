@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -66,12 +67,13 @@ def pil_to_vae_input(image: Image.Image, width: int, height: int) -> np.ndarray:
     return sample
 
 
-def write_png(image: Image.Image, path: str | os.PathLike[str], parameters: str) -> None:
+def write_png(image: Image.Image, path: str | os.PathLike[str] | BinaryIO, parameters: str) -> None:
     """Write a PNG carrying the generation parameters in a `parameters` text chunk (as A1111-style tools read),
-    in place: for a path that atomic_file / atomic_files handed out."""
+    in place: for a path that atomic_file / atomic_files handed out, or into a file object (a batch render's
+    worker sends the bytes to the process that writes them)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    image.save(Path(path), format="PNG", pnginfo=info)
+    image.save(path if hasattr(path, "write") else Path(path), format="PNG", pnginfo=info)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["NOISE_KINDS", "NumpyNoise", "TorchNoise", "make_noise"]
+__all__ = ["NOISE_KINDS", "BatchNoise", "NumpyNoise", "TorchNoise", "make_noise"]
 
 # The noise sources a render can draw from (`edgediff render --noise`), with what each means.
 NOISE_KINDS: dict[str, str] = {
@@ -168,10 +168,30 @@ class NumpyNoise:
         return self._rng.standard_normal(_shape_tuple(shape), dtype=np.float32)
 
 
-NoiseSource = TorchNoise | NumpyNoise
+class BatchNoise:
+    """One batch drawn from several streams: each item's slice of axis 0 (``counts[i]`` rows) comes from its own
+    source, shaped as that item's render alone would draw it. A server batching requests with their own seeds
+    thus gives each the images it would get rendered by itself, through stochastic samplers (LCM, Euler a) too,
+    which draw fresh noise every step."""
+
+    def __init__(self, sources: Sequence[TorchNoise | NumpyNoise], counts: Sequence[int]) -> None:
+        if len(sources) != len(counts) or not sources or min(counts) < 1:
+            raise ValueError("BatchNoise needs one source per item and a positive row count for each")
+        self.sources = list(sources)
+        self.counts = [operator.index(c) for c in counts]
+
+    def randn(self, shape: int | Sequence[int]) -> np.ndarray:
+        dims = _shape_tuple(shape)
+        if not dims or dims[0] != sum(self.counts):
+            raise ValueError(f"noise shape {dims} does not split into items of {self.counts} rows")
+        parts = [source.randn((count, *dims[1:])) for source, count in zip(self.sources, self.counts)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def make_noise(seed: int, kind: str = "torch") -> NoiseSource:
+NoiseSource = TorchNoise | NumpyNoise | BatchNoise
+
+
+def make_noise(seed: int, kind: str = "torch") -> TorchNoise | NumpyNoise:
     """A noise source for ``seed``: ``"torch"`` for diffusers parity, ``"numpy"`` for NumPy's own generator."""
     if kind == "torch":
         return TorchNoise(seed)

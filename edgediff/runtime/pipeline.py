@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,7 @@ from .backends import open_session
 from .denoise import make_denoiser
 from .families import Conditioning, family_for
 from .images import ImageSource, decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
-from .noise import NoiseSource, make_noise
+from .noise import BatchNoise, NoiseSource, make_noise
 from .plan import (
     OUTPUT_TYPES,
     RenderError,
@@ -145,7 +146,7 @@ class Pipeline:
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
-        seed: int | None = 0,
+        seed: int | Sequence[int] | None = 0,
         latents: np.ndarray | None = None,
         sampler: str | None = None,
         image: ImageSource | None = None,
@@ -171,8 +172,8 @@ class Pipeline:
                          images_per_prompt=num_images_per_prompt,
                          strength=strength if init_image is not None else None, eta=eta, noise=noise,
                          true_cfg_scale=true_cfg_scale)
-        tile = self._check_memory(plan, len(prompts), img2img=init_image is not None)
-        rng = make_noise(plan.seed, plan.noise)
+        tile = self.check_memory(plan, len(prompts), img2img=init_image is not None)
+        rng = _noise_source(plan, len(prompts), img2img=init_image is not None)
         warnings: list[str] = []
         conditioning = self.family.condition(prompts, negative_prompt, plan, self.session, warnings, timer)
         encoders = " or ".join(e.component for e in self.manifest.text_encoders)  # SDXL's feeds mix both
@@ -189,9 +190,10 @@ class Pipeline:
         out = images if output_type == "np" else unit_to_pil(images)
         return PipelineOutput(out, timer.total(), warnings, interrupted, plan)
 
-    def _check_memory(self, plan: RenderPlan, prompts: int, *, img2img: bool) -> int | None:
+    def check_memory(self, plan: RenderPlan, prompts: int, *, img2img: bool) -> int | None:
         """Refuse, before anything is allocated, a render this machine cannot hold (see memory.py's estimate).
-        Returns the VAE's tile side in latent pixels, or None for a whole-image pass."""
+        Returns the VAE's tile side in latent pixels, or None for a whole-image pass. The server calls it before it
+        queues a request."""
         images = prompts * plan.images_per_prompt
         available = memory_estimate.available_bytes()
 
@@ -304,6 +306,18 @@ class Pipeline:
         sample = decode(z) if tile is None else tiled(decode, z, tile, latent_tile(tile)[1], up=lat.downscale)
         _check_finite(sample, "vae_decoder")
         return decoded_to_unit(sample)
+
+
+def _noise_source(plan: RenderPlan, prompts: int, *, img2img: bool) -> NoiseSource:
+    """One stream for the render, or with a list of seeds one per prompt, each prompt's images drawn as its own
+    render would draw them (a server batching requests keeps each request's images)."""
+    if not plan.seeds:
+        return make_noise(plan.seed, plan.noise)
+    if len(plan.seeds) != prompts:
+        raise RenderError(f"{len(plan.seeds)} seeds for {prompts} prompts; give one seed, or one per prompt")
+    if img2img:
+        raise RenderError("a list of seeds is for text-to-image renders; give image-to-image one seed")
+    return BatchNoise([make_noise(s, plan.noise) for s in plan.seeds], [plan.images_per_prompt] * prompts)
 
 
 def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng: NoiseSource) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, ParamSpec, TypeVar
 
@@ -45,6 +46,7 @@ class RenderPlan:
     eta: float | None = None  # the sampler's stochasticity where it has one (DDIM's eta, TCD's gamma)
     noise: str = "torch"
     true_cfg_scale: float | None = None  # FLUX only: CFG with a negative prompt beside the guidance embedding
+    seeds: tuple[int, ...] = ()  # one per prompt when the render was given a list of seeds (`seed` is the first)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -76,17 +78,19 @@ def resolve_sampler(manifest: Manifest, sampler: str | None, schedule: str | Non
 
 
 def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: float | None = None,
-              width: int | None = None, height: int | None = None, seed: int | None = 0,
+              width: int | None = None, height: int | None = None, seed: int | Sequence[int] | None = 0,
               sampler: str | None = None, schedule: str | None = None, images_per_prompt: int = 1,
               strength: float | None = None, eta: float | None = None, noise: str = "torch",
               true_cfg_scale: float | None = None) -> RenderPlan:
-    """Resolve and check a render's choices; `strength` is given for image-to-image only."""
+    """Resolve and check a render's choices; `strength` is given for image-to-image only; `seed` may be a list, one
+    per prompt (each prompt's images then come from its own noise stream)."""
     if true_cfg_scale is not None:
         true_cfg_scale = _finite("true_cfg_scale", true_cfg_scale)
         if manifest.family != "flux":
             raise RenderError("true_cfg_scale is FLUX's; other models take the negative prompt's weight from "
                               "guidance")
     d = manifest.defaults
+    seeds = tuple(_whole("seed", s, 0, SEED_LIMIT - 1) for s in _seed_list(seed)) if _is_list(seed) else ()
     sampler, info, schedule = resolve_sampler(manifest, sampler, schedule)
     if eta is not None:
         _finite("eta", eta)
@@ -98,10 +102,11 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
         guidance_scale=_finite("guidance", d.guidance_scale if guidance_scale is None else guidance_scale),
         width=d.width if width is None else _whole("width", width, 1),
         height=d.height if height is None else _whole("height", height, 1),
-        seed=int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0, SEED_LIMIT - 1),
+        seed=seeds[0] if seeds else (
+            int.from_bytes(os.urandom(4), "little") if seed is None else _whole("seed", seed, 0, SEED_LIMIT - 1)),
         images_per_prompt=_whole("images per prompt", images_per_prompt, 1, MAX_IMAGES),
         strength=None if strength is None else checked_strength(strength),
-        eta=info.eta if eta is None else eta, noise=noise, true_cfg_scale=true_cfg_scale,
+        eta=info.eta if eta is None else eta, noise=noise, true_cfg_scale=true_cfg_scale, seeds=seeds,
     )
     m = manifest.size_multiple
     if plan.height % m or plan.width % m:
@@ -113,6 +118,16 @@ def make_plan(manifest: Manifest, *, steps: int | None = None, guidance_scale: f
     if noise not in NOISE_KINDS:
         raise RenderError(f"unknown noise kind {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
     return plan
+
+
+def _is_list(seed: object) -> bool:
+    return isinstance(seed, (list, tuple))
+
+
+def _seed_list(seed: Any) -> list[Any]:
+    if not seed:
+        raise RenderError("seed must be a whole number or a non-empty list of them")
+    return list(seed)
 
 
 def sampler_settings(manifest: Manifest, plan: RenderPlan) -> SamplerOptions:

@@ -34,8 +34,24 @@ class Conditioning:
     guidance_scale: float | None = None
 
 
+@dataclass(frozen=True)
+class PreviewMap:
+    """A cheap preview: RGB in -1..1 = latent channels @ `factors` + `bias`, per latent pixel, as the popular UIs
+    draw their live previews. The factors hold for one VAE's latent space, the one whose scaling factor is
+    `scaling_factor`; another VAE (the built-in model's) needs its own (serve/preview.py fits one)."""
+
+    factors: tuple[tuple[float, float, float], ...]  # one row per latent channel
+    bias: tuple[float, float, float]
+    scaling_factor: float
+
+    def fits(self, channels: int, scaling_factor: float) -> bool:
+        return channels == len(self.factors) and abs(scaling_factor - self.scaling_factor) < 1e-4
+
+
 class Family(Protocol):
     denoiser: str  # the component the sampler loop calls: "unet", or "transformer" (SD3, FLUX)
+    preview_rgb: PreviewMap  # the latent-to-RGB map of the family's own VAE
+
 
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
                   session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning: ...

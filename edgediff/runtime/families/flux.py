@@ -19,7 +19,7 @@ from ..plan import RenderPlan, uses_cfg
 from ..prompts import PromptEncoder
 from ..sessions import Session
 from ..timing import StageTimer
-from . import Conditioning, Model, SessionFor
+from . import Conditioning, Model, PreviewMap, SessionFor
 from .sd import _cfg_batch, negative_texts
 from .sd3 import transformer_conditions
 
@@ -47,8 +47,19 @@ def image_ids(height: int, width: int) -> np.ndarray:
     return np.stack([np.zeros_like(rows), rows, cols], axis=-1).reshape(-1, 3).astype(np.float32)
 
 
+# FLUX.1's 16-channel VAE: the latent-to-RGB factors ComfyUI's live previews use (comfy/latent_formats.py)
+FLUX_PREVIEW = PreviewMap(
+    factors=((-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+             (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+             (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011),
+             (0.0428, -0.0012, -0.0036), (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103),
+             (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778)),
+    bias=(-0.0329, -0.0718, -0.0851), scaling_factor=0.3611)
+
+
 class Flux:
     denoiser = "transformer"
+    preview_rgb = FLUX_PREVIEW
 
     def __init__(self, root: Path, manifest: Manifest):
         self.manifest = manifest

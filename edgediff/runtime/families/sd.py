@@ -18,11 +18,16 @@ from ..plan import RenderError, RenderPlan, uses_cfg
 from ..prompts import Embeddings, PromptEncoder
 from ..sessions import Session
 from ..timing import StageTimer
-from . import Conditioning, Model, SessionFor
+from . import Conditioning, Model, PreviewMap, SessionFor
+
+# SD 1.x/2.x's VAE: the latent-to-RGB factors ComfyUI's and A1111's live previews use (a least-squares fit)
+SD_PREVIEW = PreviewMap(factors=((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+                                 (-0.2120, -0.2616, -0.7177)), bias=(0.0, 0.0, 0.0), scaling_factor=0.18215)
 
 
 class StableDiffusion:
     denoiser = "unet"
+    preview_rgb = SD_PREVIEW
 
     def __init__(self, root: Path, manifest: Manifest):
         self.manifest = manifest

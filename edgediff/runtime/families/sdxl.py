@@ -12,11 +12,16 @@ from ...bundle import BundleError
 from ..plan import RenderPlan
 from ..prompts import time_ids
 from ..timing import StageTimer
-from . import Conditioning, SessionFor
+from . import Conditioning, PreviewMap, SessionFor
 from .sd import StableDiffusion, _cfg_batch, negative_texts
 
 
 class StableDiffusionXL(StableDiffusion):
+    # SDXL's VAE: ComfyUI's latent-to-RGB factors and bias for SDXL previews
+    preview_rgb = PreviewMap(factors=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
+                                      (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
+                             bias=(0.1084, -0.0175, -0.0011), scaling_factor=0.13025)
+
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
                   session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning:
         added = self.manifest.added_conditions
