@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,11 +19,13 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import BundleError, Component, Manifest, Verify, load_manifest
+from ..lora_format import LoraSpec
 from . import memory as memory_estimate
-from .backends import open_session
+from .backends import check_takes_initializers, open_session
 from .denoise import make_denoiser
 from .families import Conditioning, family_for
 from .images import ImageSource, decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
+from .lora import LoraState, LoraSwitch
 from .noise import NoiseSource, make_noise
 from .plan import (
     OUTPUT_TYPES,
@@ -46,7 +49,8 @@ SessionFactory = Callable[[str, Component], Session]
 # (step, steps, latents) -> False to stop the render
 StepCallback = Callable[[int, int, np.ndarray], "bool | None"]
 
-__all__ = ["MEMORY_MODES", "Pipeline", "PipelineOutput", "RenderError", "RenderPlan", "SessionFactory"]
+__all__ = ["MEMORY_MODES", "LoraSpec", "LoraSwitch", "Pipeline", "PipelineOutput", "RenderError", "RenderPlan",
+           "SessionFactory"]
 
 
 @dataclass
@@ -64,9 +68,10 @@ class Pipeline:
     """A loaded bundle, ready to render. Use `Pipeline.load(path)`."""
 
     def __init__(self, root: Path, manifest: Manifest, *, backend: str = "cpu", threads: int | None = None,
-                 memory: str = "normal", session_factory: SessionFactory | None = None) -> None:
+                 memory: str = "normal", session_factory: SessionFactory | None = None,
+                 loras: Sequence[LoraSpec] = ()) -> None:
         """`session_factory(name, component)` opens each component's session; by default the registry's
-        `backend` does, with `threads` and the memory mode's settings."""
+        `backend` does, with `threads`, the memory mode's settings and the weights `loras` change (set_loras)."""
         if memory not in MEMORY_MODES:
             raise RenderError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
         threads = checked_threads(threads)
@@ -75,9 +80,15 @@ class Pipeline:
         self.backend = backend
         self.memory = memory
         settings = SessionSettings(threads=threads, lean=memory == "low")
-        self._open = session_factory or (lambda name, c: open_session(root, name, c, backend, settings))
+        self._loras = LoraState(root, manifest)
+        self._custom_sessions = session_factory is not None
+        self._open = session_factory or (lambda name, c: open_session(
+            root, name, c, backend, replace(settings, initializers=self._loras.weights.get(name, {}))))
         self.family = family_for(root, manifest)
         self._sessions: dict[str, Session] = {}
+        self.lora_switch: LoraSwitch | None = None  # what the last set_loras did, and how long it took
+        if loras:
+            self.set_loras(loras)
         if memory == "normal":
             for name in (*(e.component for e in manifest.text_encoders), "unet", "vae_decoder"):
                 self.session(name)
@@ -85,14 +96,14 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, backend: str = "cpu", threads: int | None = None,
              memory: str = "normal", verify: Verify = "fast", allow_symlinks: bool = False,
-             session_factory: SessionFactory | None = None) -> Pipeline:
+             session_factory: SessionFactory | None = None, loras: Sequence[LoraSpec] = ()) -> Pipeline:
         """Load a bundle folder, or the built-in model when `path` is None (checks every file's size and
         fingerprint; verify="full" hashes them in full). Every file must lie inside the folder: symbolic links out
         of it (a hub cache's layout) are refused unless `allow_symlinks`.
 
         memory="normal" keeps every session loaded; memory="low" loads each component only for its stage and
         frees it before the next, so peak memory is about the largest component instead of the sum (each render
-        then pays the sessions' load time)."""
+        then pays the sessions' load time). `loras`: see set_loras."""
         if path is None:
             from ..models import builtin_bundle
 
@@ -101,7 +112,8 @@ class Pipeline:
                 raise BundleError("no bundle given and this install has no built-in model; pass a bundle folder")
         root = Path(path)
         manifest = load_manifest(root, verify=verify, allow_symlinks=allow_symlinks)
-        return cls(root, manifest, backend=backend, threads=threads, memory=memory, session_factory=session_factory)
+        return cls(root, manifest, backend=backend, threads=threads, memory=memory, session_factory=session_factory,
+                   loras=loras)
 
     def session(self, name: str) -> Session:
         if name not in self._sessions:
@@ -114,6 +126,41 @@ class Pipeline:
                 self._sessions.clear()
             self._sessions[name] = self._open(name, component)
         return self._sessions[name]
+
+    def set_loras(self, loras: Sequence[LoraSpec]) -> LoraSwitch:
+        """Run with `loras` from now on, instead of the LoRAs before: ("file.safetensors", scale) pairs,
+        "FILE[:SCALE]" strings or paths (scale 1), diffusers or kohya keys, added in NumPy to the weights the
+        bundle's LoRA maps locate and handed to the sessions at creation; the bundle's files are not touched.
+        Only the sessions whose weights change are rebuilt. `[]` goes back to the bundle's own weights.
+
+        Everything is read and checked first: a LoRA this bundle cannot take (another architecture, keys that
+        match nothing, a bundle exported without LoRA maps, a backend that runs fixed engines) raises LoraError or
+        BackendError, one line, and the pipeline stays as it was. Returns what changed and how long it took."""
+        start = time.perf_counter()
+        if loras and self._custom_sessions:
+            raise RenderError("run-time LoRAs need the backend registry's sessions; load without session_factory")
+        if loras:
+            check_takes_initializers(self.backend)
+        new = self._loras.prepare(loras)
+        weights_done = time.perf_counter()
+        previous = self._loras.commit(new)
+        try:
+            self._reopen(new.changed)
+        except BaseException:
+            self._loras.commit(previous)
+            self._reopen(new.changed)
+            raise
+        self.lora_switch = self._loras.switch(new, weights_done - start, time.perf_counter() - start)
+        return self.lora_switch
+
+    def _reopen(self, names: Sequence[str]) -> None:
+        for name in names:
+            session = self._sessions.pop(name, None)
+            if session is not None:
+                session.close()
+        if self.memory == "normal":
+            for name in names:
+                self.session(name)
 
     def plan(self, *, image: Image.Image | None = None, **choices: Any) -> RenderPlan:
         """The render `__call__` would run with these arguments (`make_plan`'s), resolved and checked; with an
