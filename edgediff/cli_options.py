@@ -116,3 +116,19 @@ def backend_list(ctx, param, value):
         raise click.BadParameter(f"unknown backend {', '.join(unknown) or repr(value)}; choose from "
                                  f"{', '.join(BACKENDS)}")
     return names
+
+
+class LoraArg(click.ParamType):
+    """FILE[:SCALE]: a LoRA and the scale it runs at (1 when not given), as (path, scale)."""
+
+    name = "FILE[:SCALE]"
+
+    def convert(self, value, param, ctx):
+        from .lora_format import as_spec
+
+        return value if isinstance(value, tuple) else as_spec(value)
+
+
+def lora_option(help_text: str):
+    """`--lora FILE[:SCALE]`, repeatable, into the command's `loras` as (path, scale) pairs in order."""
+    return click.option("--lora", "loras", multiple=True, type=LoraArg(), metavar="FILE[:SCALE]", help=help_text)

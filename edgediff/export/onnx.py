@@ -130,6 +130,9 @@ def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None,
     Tensors whose data is still in external files under `source` (the exporter's per-tensor files) are copied
     across in chunks, never loaded whole. Returns the files written and the weights' size in bytes; a stale data
     file from an earlier graph is replaced."""
+    for t in model.graph.initializer:
+        if t.name in external and not t.HasField("raw_data") and _external(t) is None:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))  # typed fields: raw
     tensors = [t for t in _tensors(model) if t.HasField("raw_data") or _external(t) is not None]
     weights = sum(_nbytes(t, source) for t in tensors)
     data = path.with_name(path.name + DATA_SUFFIX)

@@ -121,9 +121,9 @@ def match_layers(root: Path, manifest: Manifest, loras: Sequence[LoraFile]) -> d
     """Every layer the LoRAs touch, by component, each checked against the bundle's maps; LoraError (one line, naming
     what did not match) for a LoRA this bundle cannot take. Nothing is read from the bundle's weights yet."""
     lora_components = [e.component for e in manifest.text_encoders] + ["unet"]
-    wanted = sorted({c for lora in loras for c in lora.layers}, key=lora_components.index)
     for lora in loras:
         check_components(lora.path, lora.layers, lora_components)
+    wanted = sorted({c for lora in loras for c in lora.layers}, key=lora_components.index)
     maps = lora_maps(root, manifest, wanted)
     touched: dict[str, dict[str, list[tuple[LoraFile, dict[str, Any]]]]] = {name: {} for name in wanted}
     for lora in loras:
