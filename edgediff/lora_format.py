@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-from .records import BUNDLE_PATH, BundleError, FieldError, at_least, read_record, to_json
+from .records import BUNDLE_PATH, VERSIONED_ERRORS, BundleError, at_least, read_versioned, to_json
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
@@ -227,12 +227,7 @@ def lora_map_json(lora_map: LoraMap) -> str:
 def read_lora_map(path: Path) -> LoraMap:
     """The map at `path`; BundleError (one line) if it is not one this edgediff reads."""
     try:
-        raw = json.loads(path.read_text())
-        if not isinstance(raw, dict) or raw.get("format") != MAP_FORMAT:
-            raise FieldError("format", f"not {MAP_FORMAT!r}")
-        if raw.get("format_version") != MAP_VERSION:
-            raise FieldError("format_version", f"{raw.get('format_version')!r}, this edgediff reads {MAP_VERSION}")
-        lora_map: LoraMap = read_record(LoraMap, {"layers": raw.get("layers", {})}, "")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, FieldError) as e:
+        lora_map: LoraMap = read_versioned(path, MAP_FORMAT, MAP_VERSION, LoraMap, "layers")
+    except VERSIONED_ERRORS as e:
         raise BundleError(f"{path}: unreadable LoRA map ({e}); re-export the bundle") from None
     return lora_map
