@@ -38,6 +38,8 @@ def describe_bundle(bundle: Path, manifest: Manifest) -> list[str]:
         parity = f", parity {component.parity.max_abs_err:.2g}" if component.parity else ""
         lines += [f"  {name}: {component.precision}, {size / 1e6:.1f} MB{parity}",
                   f"    in:  {ins}", f"    out: {outs}"]
+        if component.lora_map:
+            lines.append(f"    run-time LoRA: layers mapped in {component.lora_map}")
         cached = graph_cache.cached_graphs((bundle / component.file).parent)
         if cached:
             where = Path(component.file).parent / graph_cache.CACHE_FOLDER

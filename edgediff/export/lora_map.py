@@ -106,9 +106,9 @@ def _array(tensor: onnx.TensorProto, source: Path | None) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     assert source is not None, "an external tensor needs its graph's folder"
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims))
-    data = np.fromfile(source / info["location"], dtype, count, offset=int(info.get("offset", 0)))
-    return data.reshape(tuple(tensor.dims))
+    # mapped, not read: the key looks at 8 KiB of each weight, and only candidates are compared in full
+    return np.memmap(source / info["location"], dtype, "r", offset=int(info.get("offset", 0)),
+                     shape=tuple(tensor.dims))
 
 
 def _readers(model: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
