@@ -195,7 +195,8 @@ def test_reduced_precision_bundles_take_loras_in_their_own_format(precision, che
         assert np.abs(got - _render(Pipeline.load(out))).max() > 1e-2
     manifest = Pipeline.load(out, memory="low").manifest
     state = LoraState(out, manifest)
-    weights = state.prepare([(a, 0.0), (b, 0.0)]).weights["unet"]  # no change: the bundle's own weights back
+    state.apply(state.prepare([(a, 0.0), (b, 0.0)]))
+    weights = state.weights["unet"]  # no change: the bundle's own weights back
     refs = {ref.name: ref for layer in lora_maps(out, manifest, ["unet"])["unet"].layers.values()
             for part in layer.parts for ref in (part.weight, part.scale) if ref is not None}
     dtypes = {str(w.dtype) for w in weights.values()}

@@ -216,14 +216,17 @@ def quantize_per_channel(weight: np.ndarray, axis: int, qmin: int, qmax: int) ->
 
 @dataclass(frozen=True)
 class LoraSet:
-    """A set of LoRAs made ready for one bundle: the files, the replaced weights by component (only those that
-    changed from the set before, see LoraState.prepare), and what tells a component's LoRAs apart."""
+    """A set of LoRAs checked against one bundle: the files, the layers they touch by component, what tells a
+    component's LoRAs apart, and the components whose LoRAs differ from the set before."""
 
     files: tuple[LoraFile, ...] = ()
+    touched: dict[str, list[LayerLoras]] = field(default_factory=dict, repr=False)
     stamps: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # component -> its LoRAs' (file, scale)
-    weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
-    layers: dict[str, int] = field(default_factory=dict)  # component -> layers touched
-    changed: tuple[str, ...] = ()  # components whose weights differ from the set before
+    changed: tuple[str, ...] = ()
+
+    @property
+    def layers(self) -> dict[str, int]:
+        return {c: len(found) for c, found in self.touched.items()}
 
 
 @dataclass(frozen=True)
@@ -252,27 +255,26 @@ class LoraState:
         self.weights: dict[str, dict[str, np.ndarray]] = {}
 
     def prepare(self, specs: Sequence[LoraSpec]) -> LoraSet:
-        """Read and check `specs`, and compute the weights of the components whose LoRAs change; nothing changes
-        here, so a refused LoRA leaves the pipeline as it was."""
+        """Read and check `specs` against the bundle; nothing changes here, so a refused LoRA leaves the pipeline
+        as it was."""
         files = tuple(read_lora(*as_spec(s)) for s in specs)
-        layers = match_layers(self.root, self.manifest, files) if files else {}
-        stamps = {c: tuple((f.stamp, f.scale) for f in files if c in f.layers) for c in layers}
+        touched = match_layers(self.root, self.manifest, files) if files else {}
+        stamps = {c: tuple((f.stamp, f.scale) for f in files if c in f.layers) for c in touched}
         old = self.current.stamps
         changed = tuple(c for c in self.manifest.components if stamps.get(c) != old.get(c))
-        weights = {c: new_weights(self.root, layers[c]) for c in changed if c in layers}
-        return LoraSet(files, stamps, weights, {c: len(v) for c, v in layers.items()}, changed)
+        return LoraSet(files, touched, stamps, changed)
 
-    def commit(self, new: LoraSet) -> LoraSet:
-        """Run with `new` from now on; returns the set it replaces (to go back to, should a session fail)."""
-        previous = LoraSet(self.current.files, self.current.stamps,
-                           {c: self.weights[c] for c in new.changed if c in self.weights}, self.current.layers,
-                           new.changed)
+    def apply(self, new: LoraSet) -> None:
+        """Run with `new` from now on: the weights of its changed components are dropped, then made anew (so that
+        the old and the new are never held together)."""
         for component in new.changed:
             self.weights.pop(component, None)
-        self.weights.update(new.weights)
+        self.current = LoraSet()  # until every weight is made
+        for component in new.changed:
+            if component in new.touched:
+                self.weights[component] = new_weights(self.root, new.touched[component])
         self.current = new
-        return previous
 
     def switch(self, new: LoraSet, weights_seconds: float, seconds: float) -> LoraSwitch:
-        return LoraSwitch(tuple((str(f.path), f.scale) for f in new.files), dict(new.layers), new.changed,
+        return LoraSwitch(tuple((str(f.path), f.scale) for f in new.files), new.layers, new.changed,
                           weights_seconds, seconds)

@@ -142,22 +142,27 @@ class Pipeline:
         if loras:
             check_takes_initializers(self.backend)
         new = self._loras.prepare(loras)
-        weights_done = time.perf_counter()
-        previous = self._loras.commit(new)
+        previous = self._loras.current
+        self._close(new.changed)  # the old sessions and weights go before the new ones are made
         try:
-            self._reopen(new.changed)
+            self._loras.apply(new)
+            weights_done = time.perf_counter()
+            self._open_now(new.changed)
         except BaseException:
-            self._loras.commit(previous)
-            self._reopen(new.changed)
+            self._close(new.changed)
+            self._loras.apply(replace(previous, changed=new.changed))
+            self._open_now(new.changed)
             raise
         self.lora_switch = self._loras.switch(new, weights_done - start, time.perf_counter() - start)
         return self.lora_switch
 
-    def _reopen(self, names: Sequence[str]) -> None:
+    def _close(self, names: Sequence[str]) -> None:
         for name in names:
             session = self._sessions.pop(name, None)
             if session is not None:
                 session.close()
+
+    def _open_now(self, names: Sequence[str]) -> None:
         if self.memory == "normal":
             for name in names:
                 self.session(name)
