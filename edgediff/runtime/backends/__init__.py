@@ -56,7 +56,7 @@ def check_takes_initializers(name: str) -> None:
     """BackendError (one line) unless backend `name` can run with run-time LoRA weights."""
     backend = BACKENDS.get(name)
     if backend is not None and not backend.takes_initializers:
-        able = ", ".join(n for n, b in BACKENDS.items() if b.takes_initializers)
+        able = " or ".join(n for n, b in BACKENDS.items() if b.takes_initializers)
         raise BackendError(f"backend {name!r} runs the bundle's own weights and cannot take run-time LoRAs; use "
                            f"--backend {able}, or fuse the LoRA at export (edgediff export --lora)")
 
