@@ -204,3 +204,25 @@ def test_reduced_precision_bundles_take_loras_in_their_own_format(precision, che
     for name, w in weights.items():
         stored = np.fromfile(out / refs[name].file, refs[name].dtype, w.size, offset=refs[name].offset)
         assert np.array_equal(stored.reshape(w.shape), w), name  # int8: re-quantized exactly as the export did
+
+
+NO_TORCH = r"""
+import sys
+for name in ("torch", "diffusers", "transformers", "safetensors", "peft"):
+    sys.modules[name] = None  # makes `import name` raise ImportError
+from edgediff import Pipeline
+pipe = Pipeline.load(sys.argv[1], loras=[(sys.argv[2], 0.7), sys.argv[3] + ":0.4"])
+pipe("a red cat", num_inference_steps=2, height=32, width=32)
+print(pipe.lora_switch.describe())
+"""
+
+
+def test_runtime_loras_need_no_torch_nor_safetensors(bundle, loras):
+    import subprocess
+    import sys
+
+    a, _, b = loras("sd1")
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(bundle("sd1")), str(a), str(b)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "LoRA: text_encoder 8 layers, unet 65 layers" in done.stdout

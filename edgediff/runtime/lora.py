@@ -114,6 +114,12 @@ def lora_maps(root: Path, manifest: Manifest, components: Sequence[str]) -> dict
         if component.lora_map is None:
             raise LoraError(f"{root}: {name} {OLD_BUNDLE}")
         maps[name] = read_lora_map(root / component.lora_map)
+        listed = {f.path for f in component.files}  # checked at load: present, confined, fingerprinted
+        stray = {ref.file for layer in maps[name].layers.values() for part in layer.parts
+                 for ref in (part.weight, part.scale) if ref is not None} - listed
+        if stray:
+            raise LoraError(f"{root}: {name}'s LoRA map points at {sorted(stray)[0]}, which is not among its files; "
+                            "re-export the bundle")
     return maps
 
 
