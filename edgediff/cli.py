@@ -20,9 +20,7 @@ from .cli_options import (
     USAGE_ERROR,
     Commands,
     Named,
-    backend_list,
     described,
-    int_list,
     lora_option,
     one_line_errors,
     parse_size,
@@ -30,7 +28,7 @@ from .cli_options import (
 from .export import PRECISIONS
 from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
-from .runtime.pipeline import MEMORY_MODES
+from .runtime.pipeline import MEMORY_MODES, VAE_TILING
 from .runtime.sampler_catalogue import PRESETS, SAMPLERS
 from .runtime.schedules import SCHEDULES
 
@@ -73,6 +71,9 @@ def main():
 @click.option("--threads", type=int, help="Intra-op threads [default: ONNX Runtime's choice].")
 @click.option("--memory", type=Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
               help="low: load each component only for its stage, so peak memory is about the largest one.")
+@click.option("--vae-tiling", type=Named("VAE tiling", VAE_TILING), default=VAE_TILING[0], show_default=True,
+              help="Decode (and encode) in overlapping tiles so the VAE's memory is one tile's; auto: from 4x the "
+              "model's native pixel count, or where the whole image would not fit in memory.")
 @click.option("--verify", is_flag=True, help="Hash every bundle file in full before rendering (slow on big bundles; "
               "by default each file's size and a 16-chunk fingerprint are checked).")
 @click.option("--allow-symlinks", is_flag=True, help="Load a bundle whose files are symbolic links to elsewhere "
@@ -80,7 +81,7 @@ def main():
 @lora_option("A LoRA (.safetensors, diffusers or kohya keys) added to the weights at load, at SCALE [default: 1]; "
              "repeatable. The bundle is not changed; it needs LoRA maps (exported by this edgediff).")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
-           backend, threads, memory, schedule, noise, eta, verify, allow_symlinks, loras):
+           backend, threads, memory, schedule, noise, eta, verify, allow_symlinks, vae_tiling, loras):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
@@ -100,7 +101,7 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         check_png_targets(paths)  # before the (slow) load and render
         _check_sampling_names(sampler, schedule, eta)
         checked_threads(threads)
-        pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory,
+        pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory, vae_tiling=vae_tiling,
                              verify="full" if verify else "fast", allow_symlinks=allow_symlinks, loras=loras)
         if pipe.lora_switch is not None:
             click.echo(pipe.lora_switch.describe(), err=True)
@@ -257,9 +258,18 @@ def export(src, out, preset, force, opset, precision, calibration_prompts, calib
             bar.set_postfix_str(f"{name} proven")
             bar.update(done - bar.n)
 
+        phases: dict = {}
+
+        def phase(what, done, total):  # a second bar for a long step within a component (int8 calibration, ...)
+            if what not in phases:
+                phases[what] = tqdm(desc=f"  {what}", total=total, leave=False, position=1)
+            phases[what].update(done - phases[what].n)
+            if done >= total:
+                phases.pop(what).close()
+
         manifest = export_bundle(src, out, preset=preset, force=force, opset=opset, precision=precision,
                                  calibration=calibration, loras=loras, allow_pickle=allow_pickle, tiny_vae=tiny_vae,
-                                 clip_skip=clip_skip, progress=progress, license=licence)
+                                 clip_skip=clip_skip, progress=progress, license=licence, phase=phase)
     click.echo(f"{out}: {manifest.family} ({manifest.preset}), {len(manifest.components)} components")
 
 
@@ -307,54 +317,6 @@ def build(bundle, size, min_size, opt_size, max_size, batch, max_batch, timing_c
 
 
 @main.command()
-@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--steps", "steps", default="1", show_default=True, callback=int_list, help="Step counts, e.g. 1,4.")
-@click.option("--size", callback=parse_size, default="512x512", show_default=True, help="WIDTHxHEIGHT.")
-@click.option("--batch", "batches", default="1", show_default=True, callback=int_list, help="Batch sizes, e.g. 1,4.")
-@click.option("--threads", type=int, help="Threads for every engine [default: each engine's own choice].")
-@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Measured runs per configuration.")
-@click.option("--warmup", type=click.IntRange(1), default=1, show_default=True,
-              help="Unmeasured renders first (the first is reported as the cold render).")
-@click.option("--compare", default="", help="Peers to run side by side (comma-separated): diffusers (PyTorch fp32, "
-              "CPU), diffusers-cuda (PyTorch fp16, GPU: the GPU backends' peer), optimum (ONNX Runtime, CPU).")
-@click.option("--backend", "backends", default="cpu", show_default=True, callback=backend_list,
-              help="edgediff's backends, comma-separated (each bundle is timed on each): "
-              + ", ".join(BACKENDS) + ".")
-@click.option("--memory", type=Named("memory mode", MEMORY_MODES), default=MEMORY_MODES[0], show_default=True,
-              help="edgediff's memory mode (low: one component loaded at a time).")
-@click.option("--optimum-python", type=click.Path(path_type=Path), default=Path("benchmarks/.venv-optimum/bin/python"),
-              show_default=True, help="Python of the virtual environment Optimum runs in.")
-@click.option("--optimum-model", type=click.Path(path_type=Path), help="Optimum's export of the same checkpoint "
-              "[default: BUNDLE-optimum beside the first bundle].")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full record as JSON.")
-@click.option("--chart", type=click.Path(path_type=Path), help="Draw a PNG chart of the stage times.")
-def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backends, memory, optimum_python,
-          optimum_model, json_path, chart):
-    """Time every stage of BUNDLES (several: side by side, e.g. fp32 and int8), optionally against diffusers and
-    Optimum on the same checkpoint, each engine in its own process, interleaved run by run."""
-    from .atomic import atomic_file
-    from .bench import Settings, run_bench
-    from .bench.chart import draw_chart
-    from .bench.report import format_report
-
-    settings = Settings(steps=steps, width=size[0], height=size[1], batches=batches, threads=threads, runs=runs,
-                        warmup=warmup, compare=[c.strip() for c in compare.split(",") if c.strip()], memory=memory,
-                        backends=backends,
-                        optimum_python=optimum_python, optimum_model=optimum_model)
-    with one_line_errors():
-        record = run_bench(list(bundles), settings, progress=lambda msg: click.echo(msg, err=True))
-    click.echo(format_report(record))
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(json_path) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-    if chart:
-        chart.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(chart) as tmp:
-            draw_chart(record, tmp)
-
-
-@main.command()
 @click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--verify", is_flag=True, help="Check every file's full sha256 (slow on big bundles).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -391,6 +353,8 @@ def info(bundle, verify, as_json, runtime_only, allow_symlinks, loras):
     if show_runtime:
         click.echo("\n".join(describe_runtime()))
 
+
+from . import cli_bench  # noqa: E402,F401  (registers `bench` on main)
 
 if __name__ == "__main__":
     main()

@@ -24,13 +24,28 @@ CALIBRATION = Calibration(prompts=("a red cat", "a castle on a hill at dawn", "a
 RENDER = dict(num_inference_steps=3, height=32, width=48, seed=5, output_type="np")
 
 
+PHASES: list[tuple[str, int, int]] = []  # what the int8 export reported within its components
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(checkpoint, tmp_path_factory):
     from edgediff.export.convert import export_bundle
 
     out = tmp_path_factory.mktemp("int8") / "bundle"
-    export_bundle(checkpoint("sd1"), out, precision="int8", calibration=CALIBRATION)
+    export_bundle(checkpoint("sd1"), out, precision="int8", calibration=CALIBRATION,
+                  phase=lambda *report: PHASES.append(report))
     return out
+
+
+def test_the_int8_export_reports_each_phase(int8_bundle):
+    """An int8 export of a full-size model spends many minutes inside a component: each phase says how far it is."""
+    renders = len(CALIBRATION.prompts)
+    assert [p for p in PHASES if p[0] == "calibration renders"] == [
+        ("calibration renders", i + 1, renders) for i in range(renders)]
+    for component in ("unet", "vae_decoder"):
+        ranges = [p for p in PHASES if p[0] == f"{component} activation ranges"]
+        assert ranges and ranges[-1][1] == ranges[-1][2] == len(ranges)
+        assert [p[1:] for p in PHASES if p[0] == f"{component} quantization"] == [(0, 1), (1, 1)]
 
 
 def _render(path, prompt="a red cat on a sofa"):

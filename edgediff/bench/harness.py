@@ -268,7 +268,8 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
                         {"steps": steps, "batch": batch, "runs": runs[e.label], **summarize(runs[e.label], batch)}
                     )
         for e in engines:
-            entry = {"label": e.label, "engine": e.spec["engine"], "model": e.spec["model"], "load_s": e.load_s,
+            entry = {"label": e.label, "engine": e.spec["engine"], "model": e.spec["model"],
+                     "backend": e.spec.get("backend"), "load_s": e.load_s,
                      "peak_rss_bytes": e.peak_rss_bytes, "versions": e.versions, **results[e.label]}
             if e.spec["engine"] == "edgediff" and e.spec["backend"] == "cpu":  # the peak measured is the CPU's
                 _add_limits(entry, Path(e.spec["model"]), s, cfg, record["peak"])

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..bundle import CalibrationRecord
 from ..runtime.sessions import Session, SessionBase, SessionSettings
+
+# (what is being done, steps done, steps in all): the export's long phases report through it (the CLI's bars)
+Phase = Callable[[str, int, int], None]
 
 PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -59,9 +63,10 @@ class _Recorder(SessionBase):
 
 
 def record_trajectories(
-    bundle: Path, components: tuple[str, ...], settings: Calibration
+    bundle: Path, components: tuple[str, ...], settings: Calibration, phase: Phase | None = None
 ) -> dict[str, tuple[list[dict], list[dict]]]:
-    """Render the prompt set with the bundle at `bundle`; per component, (calibration feeds, held-out gate feeds)."""
+    """Render the prompt set with the bundle at `bundle`; per component, (calibration feeds, held-out gate feeds).
+    `phase("calibration renders", done, total)` after each prompt."""
     from ..runtime.backends import open_session
     from ..runtime.pipeline import Pipeline
 
@@ -82,6 +87,8 @@ def record_trajectories(
         for store in records.values():
             store.append([])  # one list per prompt, so prompts (not steps) are held out
         pipe(prompt, num_inference_steps=steps, height=side, width=side, seed=i, output_type="np")
+        if phase:
+            phase("calibration renders", i + 1, len(settings.prompts))
     del pipe
     split = len(settings.prompts) - settings.held_out
     return {

@@ -28,7 +28,7 @@ from ..bundle import (
 from ..lora_format import KOHYA_PREFIXES as LORA_COMPONENTS
 from ..lora_format import MAP_NAME, LoraSpec, as_spec
 from . import PRECISIONS, preflight, specs
-from .calibrate import Calibration, describe, record_trajectories
+from .calibrate import Calibration, Phase, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
 from .lora import Lora, check_components, fuse, read_lora
 from .onnx import DEFAULT_OPSET, check_against_torch, export_component, reference_outputs
@@ -133,6 +133,7 @@ class ExportOptions:
     licence: str | None = None  # the source's licence as the user states it; else the model card's
     max_batch: int = DEFAULT_MAX_BATCH  # the largest batch each graph's axis range allows
     size_range: tuple[int, int] | None = None  # image sides in pixels; default: half to twice the native size
+    phase: Phase | None = None  # the long phases within a component: calibration renders, ranges, quantization
 
 
 def export_bundle(
@@ -153,6 +154,7 @@ def export_bundle(
     license: str | None = None,  # the source model's licence, where its model card does not say (or says wrong)
     max_batch: int = DEFAULT_MAX_BATCH,  # images per call the graphs' axis ranges allow
     size_range: tuple[int, int] | None = None,  # (smallest, largest) image side in pixels for the axis ranges
+    phase: Phase | None = None,  # (what, done, total) within the long phases of an int8 conversion
 ) -> Manifest:
     """Export every component of `src`, prove each against PyTorch, and write the bundle to `out`.
 
@@ -171,7 +173,7 @@ def export_bundle(
     preflight.check_paths(src, out)
     lora_files = [read_lora(*as_spec(a), allow_pickle=allow_pickle) for a in loras]
     options = ExportOptions(src, out, preset, opset, precision, calibration, tuple(lora_files), allow_pickle,
-                            tiny_vae, clip_skip, description, progress, license, max_batch, size_range)
+                            tiny_vae, clip_skip, description, progress, license, max_batch, size_range, phase)
     with preflight.export_lock(out):  # held until OUT is in place: a second export to OUT is refused
         preflight.check_replaceable(out, force)  # under the lock, so that no other export can change OUT now
         if Path(src).is_file():
@@ -276,7 +278,7 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
         write_manifest(tmp, manifest)  # a complete fp32 bundle: what int8 calibration renders with
         if asked.precision != "fp32":
             manifest = _convert(tmp, manifest, asked.precision, ck, component_specs, gate_dims, asked.calibration,
-                                proven, keep)
+                                proven, keep, asked.phase)
             write_manifest(tmp, manifest)
     return manifest
 
@@ -306,7 +308,8 @@ def _provenance(ck: Checkpoint, asked: ExportOptions) -> Provenance:
     )
 
 
-def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, proven, keep) -> Manifest:
+def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibration, proven, keep,
+             phase=None) -> Manifest:
     """Convert the fp32 bundle in `tmp` to `precision`, component by component, each gated against fp32."""
     import torch
 
@@ -315,7 +318,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
     provenance = dataclasses.replace(manifest.provenance, precision=precision, kept_fp32=dict(keep))
     if precision == "int8":
         calibration = calibration or Calibration()
-        records = record_trajectories(tmp, tuple(targets), calibration)
+        records = record_trajectories(tmp, tuple(targets), calibration, phase)
         provenance = dataclasses.replace(provenance, calibration=describe(calibration, records))
     components = dict(manifest.components)
     for name, target in targets.items():
@@ -331,7 +334,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
             ]
         written, options, parity, details = convert_component(
             name, target, tmp / c.file, c.outputs, c.ort_options, c.files, gate_feeds, calibration_feeds,
-            upcast_attention=bool(ck.unet_config.get("upcast_attention")) and name == "unet",
+            upcast_attention=bool(ck.unet_config.get("upcast_attention")) and name == "unet", phase=phase,
             lora_map=c.lora_map is not None,
         )
         for old in c.files:

@@ -22,6 +22,7 @@ import onnx
 from ..bundle import Conversion, FileEntry, Parity, SessionOptions, TensorSpec
 from ..runtime import graph_cache
 from . import PRECISIONS, gate
+from .calibrate import Phase
 from .lora_map import Follower
 from .onnx import default_ort_options, save_graph
 
@@ -71,6 +72,7 @@ def convert_component(
     *,
     upcast_attention: bool = False,
     lora_map: bool = False,
+    phase: Phase | None = None,
 ) -> tuple[list[Path], SessionOptions, Parity, Conversion]:
     """Convert the proven fp32 graph at `path` to `precision` in place and gate it against the fp32 graph; with
     `lora_map`, carry the component's LoRA map over to the converted graph (export/lora_map.py).
@@ -89,7 +91,7 @@ def convert_component(
                                                  lora_map=follower)
     elif precision == "int8":
         follower = Follower(path, WEIGHT_RANGE) if lora_map else None
-        written, options, details = quantize_int8(path, calibration_feeds or [], lora_map=follower)
+        written, options, details = quantize_int8(path, calibration_feeds or [], phase, lora_map=follower)
     else:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check = gate.Check(component, f"the {precision} graph", "fp32", gate.REDUCED_TOLERANCES[precision][component])

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ..bundle import Conversion, SessionOptions
+from .calibrate import Phase
 from .lora_map import Follower
 from .onnx import save_graph
 
@@ -64,7 +65,8 @@ def _reductions(tensor: str) -> list[onnx.NodeProto]:
             for op in REDUCTIONS]
 
 
-def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: Path):
+def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: Path,
+                      phase: Phase | None = None):
     """Min and max of every float activation a quantizable node reads or writes, over `feeds` (MinMax calibration).
 
     What onnxruntime's MinMax calibrator computes, at a fraction of its memory (docs/int8.md): only the graph is
@@ -110,9 +112,11 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
         names = [f"{t}__{op}" for t in tensors for op in REDUCTIONS]
         low = np.full(len(tensors), np.inf, np.float32)
         high = np.full(len(tensors), -np.inf, np.float32)
-        for feed in feeds:
+        for i, feed in enumerate(feeds):
             values = np.array(session.run(names, feed), dtype=np.float32).reshape(len(tensors), 2)
             low, high = np.minimum(low, values[:, 0]), np.maximum(high, values[:, 1])
+            if phase:
+                phase(f"{path.parent.name} activation ranges", i + 1, len(feeds))
         del session
     finally:
         augmented.unlink(missing_ok=True)
@@ -123,8 +127,8 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     return cache
 
 
-def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]], lora_map: Follower | None = None,
-                  ) -> tuple[list[Path], SessionOptions, Conversion]:
+def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]], phase: Phase | None = None,
+                  lora_map: Follower | None = None) -> tuple[list[Path], SessionOptions, Conversion]:
     """Quantize the fp32 graph at `path` in place, calibrated on `feeds`; `lora_map` follows the weights.
 
     Returns the files written (the graph, its data, the layer report), the ONNX Runtime options, and the
@@ -138,7 +142,9 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]], lora_map: Foll
 
     keep = float_layers(onnx.load(str(path), load_external_data=False))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as scratch, _quiet():
-        ranges = activation_ranges(path, feeds, Path(scratch))
+        ranges = activation_ranges(path, feeds, Path(scratch), phase)
+        if phase:
+            phase(f"{path.parent.name} quantization", 0, 1)
         out = Path(scratch) / "model.onnx"
         quantize_static(
             str(path),
@@ -170,6 +176,8 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]], lora_map: Foll
     written, _ = save_graph(model, path, external=lora_map.resolve(model) if lora_map else ())
     if lora_map is not None:
         written.append(lora_map.write(model))
+    if phase:
+        phase(f"{path.parent.name} quantization", 1, 1)
     report = layer_report(model, keep)
     del model
     report_path = path.with_name(REPORT_NAME)

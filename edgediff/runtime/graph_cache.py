@@ -7,6 +7,9 @@ figures). The saved layout is valid only for the
 CPU features and onnxruntime version that made it, so a cached graph is keyed by both, and by the fingerprints of
 the graph it was made from (a re-exported bundle never meets a stale cache).
 
+Before ONNX Runtime optimises it, a CPU session's graph gets fused attention (backends/ort_attention.py), so the
+cached graph holds that too and the key says which rewrite made it.
+
 Where: `<component>/.ort-optimized/<key>/` inside the bundle, so that the export can warm it and a copied bundle
 carries it; where the bundle is read-only (an installed package), the user's cache folder. Set
 EDGEDIFF_GRAPH_CACHE=off to load every time from the exported graph. Only CPU sessions use it.
@@ -24,13 +27,38 @@ from typing import Any
 
 from ..atomic import atomic_folder
 from ..bundle import FileEntry
+from .backends import ort_attention
 
 CACHE_FOLDER = ".ort-optimized"
 ENV_SWITCH = "EDGEDIFF_GRAPH_CACHE"
+FUSION_SWITCH = "EDGEDIFF_FUSED_ATTENTION"  # "off": CPU sessions run the exported attention as it is
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "on").strip().lower() not in {"0", "off", "no", "false"}
+def enabled(switch: str = ENV_SWITCH) -> bool:
+    return os.environ.get(switch, "on").strip().lower() not in {"0", "off", "no", "false"}
+
+
+def fused_graph(source: Path) -> bytes | None:
+    """`source` with its attention fused for ONNX Runtime's CPU kernels, serialised; None where there is none to
+    fuse, fusion is switched off, or the onnx package is missing."""
+    if not enabled(FUSION_SWITCH):
+        return None
+    try:
+        import onnx
+    except ImportError:
+        return None
+    from .backends.ort_attention import fuse_attention
+
+    model = onnx.load(os.fspath(source), load_external_data=False)
+    return model.SerializeToString() if fuse_attention(model) else None
+
+
+def _session(ort: Any, source: Path, graph: bytes | None, options: Any, providers: list[Any]) -> Any:
+    """A session on `graph` (source's rewritten form, whose external weights stay beside source) or on source."""
+    if graph is None:
+        return ort.InferenceSession(os.fspath(source), options, providers=providers)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(source.parent))
+    return ort.InferenceSession(graph, options, providers=providers)
 
 
 def cpu_features() -> list[str]:
@@ -44,14 +72,15 @@ def cpu_features() -> list[str]:
     return []
 
 
-def cache_key(ort_version: str, files: tuple[FileEntry, ...]) -> str | None:
-    """The folder name for a graph made of `files` on this machine; None where the CPU cannot be identified."""
+def cache_key(ort_version: str, files: tuple[FileEntry, ...], rewrite: str = "") -> str | None:
+    """The folder name for a graph made of `files` (and rewritten by `rewrite`) on this machine; None where the
+    CPU cannot be identified."""
     features = cpu_features()
     if not features:
         return None
     machine = hashlib.sha256(" ".join([platform.machine(), *features]).encode()).hexdigest()[:10]
     graph = hashlib.sha256(" ".join(f.fingerprint for f in files).encode()).hexdigest()[:10]
-    return f"ort{ort_version}-{platform.machine()}-{machine}-{graph}"
+    return f"ort{ort_version}-{platform.machine()}-{machine}-{graph}{'-' + rewrite if rewrite else ''}"
 
 
 def user_cache_root() -> Path:
@@ -75,10 +104,12 @@ def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: 
     off. A cache that cannot be read or written falls back to an ordinary session."""
     level_all = options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     names = [p if isinstance(p, str) else p[0] for p in providers]
-    wanted = cache and level_all and names == ["CPUExecutionProvider"] and enabled()
-    key = cache_key(ort.__version__, files) if wanted else None
+    on_cpu = names == ["CPUExecutionProvider"]
+    wanted = cache and level_all and on_cpu and enabled()
+    rewrite = ort_attention.VERSION if enabled(FUSION_SWITCH) else ""
+    key = cache_key(ort.__version__, files, rewrite) if wanted else None
     if key is None:
-        return ort.InferenceSession(os.fspath(source), options, providers=providers)
+        return _session(ort, source, fused_graph(source) if on_cpu else None, options, providers)
     folders = candidate_folders(source, key)
     for folder in folders:
         cached = folder / source.name
@@ -89,12 +120,13 @@ def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: 
             except Exception:  # a damaged cache is rebuilt, not trusted
                 shutil.rmtree(folder, ignore_errors=True)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    graph = fused_graph(source)
     for folder in folders:
         session = None
         try:
             with atomic_folder(folder) as partial:
                 _save_optimized_to(options, partial, source, files)
-                session = ort.InferenceSession(os.fspath(source), options, providers=providers)
+                session = _session(ort, source, graph, options, providers)
                 for f in partial.iterdir():
                     f.chmod(0o644)  # onnxruntime writes external data owner-only; a bundle is read by whoever renders
         except OSError:  # a read-only place (try the next), or another process published the same graph first
@@ -106,7 +138,7 @@ def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: 
             options.optimized_model_filepath = ""
             break
         return session
-    return ort.InferenceSession(os.fspath(source), options, providers=providers)
+    return _session(ort, source, graph, options, providers)
 
 
 def _save_optimized_to(options: Any, folder: Path, source: Path, files: tuple[FileEntry, ...]) -> None:

@@ -10,7 +10,8 @@ width, except attention, which grows with the square of the token count and domi
     U-Net        per image, CFG doubled: latent tokens^2 x ATTENTION_HEADS x 4 bytes (one unscaled score matrix at
                  the first attention level) + latent pixels x UNET_BYTES_PER_LATENT_PIXEL
     VAE decoder  per image: output pixels x VAE_BYTES_PER_PIXEL + latent tokens^2 x 4 bytes (its single-head
-                 mid-block attention); the VAE encoder (img2img) is counted the same
+                 mid-block attention); the VAE encoder (img2img) is counted the same. A tiled VAE (tiling.py)
+                 counts one tile's pixels and tokens, plus the blended output
 
 memory="normal" keeps every session loaded, so the stages' weights add up while only the largest stage's
 activations are live at once; memory="low" loads one component per stage, so only the largest single stage counts.
@@ -52,8 +53,10 @@ class Stage:
     activations: int  # bytes its largest call allocates
 
 
-def render_stages(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: bool, img2img: bool) -> list[Stage]:
-    """The stages a render runs, each with what it holds and allocates at its peak."""
+def render_stages(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: bool, img2img: bool,
+                  vae_tile: tuple[int, int] | None = None) -> list[Stage]:
+    """The stages a render runs, each with what it holds and allocates at its peak; `vae_tile`: the (height, width)
+    in pixels of a tiled VAE's tiles."""
     down = manifest.latent.downscale
     tokens = (plan.height // down) * (plan.width // down)
 
@@ -64,6 +67,10 @@ def render_stages(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: boo
     unet_batch = images * (2 if cfg else 1)
     unet = unet_batch * (tokens * tokens * ATTENTION_HEADS * FLOAT + tokens * UNET_BYTES_PER_LATENT_PIXEL)
     vae = images * (plan.height * plan.width * VAE_BYTES_PER_PIXEL + tokens * tokens * FLOAT)
+    if vae_tile is not None:
+        tile_tokens = (vae_tile[0] // down) * (vae_tile[1] // down)
+        tile = vae_tile[0] * vae_tile[1] * VAE_BYTES_PER_PIXEL + tile_tokens * tile_tokens * FLOAT
+        vae = images * (tile + 2 * plan.height * plan.width * 3 * FLOAT)  # the blended sum and its weights
     stages = [Stage(e.component, weights(e.component), 0) for e in manifest.text_encoders]
     if img2img:
         stages.append(Stage("vae_encoder", weights("vae_encoder"), vae))
@@ -71,10 +78,10 @@ def render_stages(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: boo
 
 
 def bytes_needed(manifest: Manifest, plan: RenderPlan, *, images: int, cfg: bool, img2img: bool, memory: str,
-                 loaded: frozenset[str] = frozenset()) -> int:
+                 loaded: frozenset[str] = frozenset(), vae_tile: tuple[int, int] | None = None) -> int:
     """Peak bytes the render will add: with memory="low" the largest single stage, else the weights of what is not
     loaded yet plus the largest stage's activations; the latents on top of either."""
-    stages = render_stages(manifest, plan, images=images, cfg=cfg, img2img=img2img)
+    stages = render_stages(manifest, plan, images=images, cfg=cfg, img2img=img2img, vae_tile=vae_tile)
     lat = manifest.latent
     latents = images * LATENT_COPIES * FLOAT * lat.channels * (plan.height // lat.downscale) * (
         plan.width // lat.downscale)

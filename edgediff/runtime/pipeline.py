@@ -41,6 +41,7 @@ from .sampler_catalogue import SAMPLERS
 from .samplers import Noise
 from .schedules import Schedule
 from .sessions import Session, SessionSettings
+from .tiling import AUTO_AREA, AUTO_MIN_PIXELS, VAE_TILING, latent_tile, tiled
 from .timing import StageTimer
 
 MEMORY_MODES = ("normal", "low")
@@ -49,8 +50,8 @@ SessionFactory = Callable[[str, Component], Session]
 # (step, steps, latents) -> False to stop the render
 StepCallback = Callable[[int, int, np.ndarray], "bool | None"]
 
-__all__ = ["MEMORY_MODES", "LoraSpec", "LoraSwitch", "Pipeline", "PipelineOutput", "RenderError", "RenderPlan",
-           "SessionFactory"]
+__all__ = ["MEMORY_MODES", "VAE_TILING", "LoraSpec", "LoraSwitch", "Pipeline", "PipelineOutput", "RenderError",
+           "RenderPlan", "SessionFactory"]
 
 
 @dataclass
@@ -69,11 +70,14 @@ class Pipeline:
 
     def __init__(self, root: Path, manifest: Manifest, *, backend: str = "cpu", threads: int | None = None,
                  memory: str = "normal", session_factory: SessionFactory | None = None,
-                 loras: Sequence[LoraSpec] = ()) -> None:
+                 vae_tiling: str = "auto", loras: Sequence[LoraSpec] = ()) -> None:
         """`session_factory(name, component)` opens each component's session; by default the registry's
         `backend` does, with `threads`, the memory mode's settings and the weights `loras` change (set_loras)."""
         if memory not in MEMORY_MODES:
             raise RenderError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+        if vae_tiling not in VAE_TILING:
+            raise RenderError(f"unknown VAE tiling {vae_tiling!r}; choose one of {', '.join(VAE_TILING)}")
+        self.vae_tiling = vae_tiling
         threads = checked_threads(threads)
         self.root = root
         self.manifest = manifest
@@ -96,14 +100,19 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, backend: str = "cpu", threads: int | None = None,
              memory: str = "normal", verify: Verify = "fast", allow_symlinks: bool = False,
-             session_factory: SessionFactory | None = None, loras: Sequence[LoraSpec] = ()) -> Pipeline:
+             session_factory: SessionFactory | None = None, vae_tiling: str = "auto",
+             loras: Sequence[LoraSpec] = ()) -> Pipeline:
         """Load a bundle folder, or the built-in model when `path` is None (checks every file's size and
         fingerprint; verify="full" hashes them in full). Every file must lie inside the folder: symbolic links out
         of it (a hub cache's layout) are refused unless `allow_symlinks`.
 
         memory="normal" keeps every session loaded; memory="low" loads each component only for its stage and
         frees it before the next, so peak memory is about the largest component instead of the sum (each render
-        then pays the sessions' load time). `loras`: see set_loras."""
+        then pays the sessions' load time). `loras`: see set_loras.
+
+        vae_tiling="on" decodes (and encodes) images larger than the model's native size in overlapping tiles, so
+        that the VAE's activation memory is one tile's; "auto" does so from 4x the native pixel count (and 1024²),
+        or where the whole-image decode would not fit the memory available; "off" never (runtime/tiling.py)."""
         if path is None:
             from ..models import builtin_bundle
 
@@ -113,7 +122,7 @@ class Pipeline:
         root = Path(path)
         manifest = load_manifest(root, verify=verify, allow_symlinks=allow_symlinks)
         return cls(root, manifest, backend=backend, threads=threads, memory=memory, session_factory=session_factory,
-                   loras=loras)
+                   vae_tiling=vae_tiling, loras=loras)
 
     def session(self, name: str) -> Session:
         if name not in self._sessions:
@@ -210,7 +219,7 @@ class Pipeline:
                          width=width, seed=seed, sampler=sampler, schedule=schedule,
                          images_per_prompt=num_images_per_prompt,
                          strength=strength if init_image is not None else None, eta=eta, noise=noise)
-        self._check_memory(plan, len(prompts), img2img=init_image is not None)
+        tile = self._check_memory(plan, len(prompts), img2img=init_image is not None)
         rng = make_noise(plan.seed, plan.noise)
         warnings: list[str] = []
         conditioning = self.family.condition(prompts, negative_prompt, plan, self.session, warnings, timer)
@@ -218,26 +227,49 @@ class Pipeline:
         for feed in conditioning.feeds.values():
             _check_finite(feed, encoders)
         sched = build_schedule(self.manifest, plan)
-        x = self._initial_latents(plan, conditioning.batch, sched.init_noise_sigma, init_image, latents, rng, timer)
+        x = self._initial_latents(plan, conditioning.batch, sched.init_noise_sigma, init_image, latents, rng, timer,
+                                  tile)
         x, interrupted = self._loop(x, conditioning, plan, sched, rng, callback, timer)
         _check_finite(x, "unet")
         t = time.perf_counter()
-        images = self.decode(x)
+        images = self.decode(x, tile)
         timer.stage("vae_decoder", t)
         out = images if output_type == "np" else unit_to_pil(images)
         return PipelineOutput(out, timer.total(), warnings, interrupted, plan)
 
-    def _check_memory(self, plan: RenderPlan, prompts: int, *, img2img: bool) -> None:
-        """Refuse, before anything is allocated, a render this machine cannot hold (see memory.py's estimate)."""
+    def _check_memory(self, plan: RenderPlan, prompts: int, *, img2img: bool) -> int | None:
+        """Refuse, before anything is allocated, a render this machine cannot hold (see memory.py's estimate).
+        Returns the VAE's tile side in latent pixels, or None for a whole-image pass."""
         images = prompts * plan.images_per_prompt
-        need = memory_estimate.bytes_needed(
-            self.manifest, plan, images=images, cfg=self.family.uses_cfg(plan), img2img=img2img, memory=self.memory,
-            loaded=frozenset(self._sessions))
+        available = memory_estimate.available_bytes()
+
+        def need(tile: int | None) -> int:
+            side = None if tile is None else tile * self.manifest.latent.downscale
+            return memory_estimate.bytes_needed(
+                self.manifest, plan, images=images, cfg=self.family.uses_cfg(plan), img2img=img2img,
+                memory=self.memory, loaded=frozenset(self._sessions), vae_tile=None if side is None else (side, side))
+
+        tile = self.vae_tile(plan.height, plan.width, fits=lambda: available is None or need(None) <= available)
         what = f"{images} image{'s' if images > 1 else ''} of {plan.width}x{plan.height}"
-        memory_estimate.check_fits(need, memory_estimate.available_bytes(), what, self.memory)
+        memory_estimate.check_fits(need(tile), available, what, self.memory)
+        return tile
+
+    def vae_tile(self, height: int, width: int, fits: Callable[[], bool] = lambda: True) -> int | None:
+        """The VAE's tile side in latent pixels for an image of height x width pixels, or None where it runs on the
+        whole image: by `vae_tiling`, and for "auto" whether the image is 4x the native pixel count or more (and
+        1024² or more), or the whole-image pass does not `fits()`."""
+        d, down = self.manifest.defaults, self.manifest.latent.downscale
+        tile, _ = latent_tile(min(d.height, d.width) // down)
+        if self.vae_tiling == "off" or (height // down <= tile and width // down <= tile):
+            return None
+        large = height * width >= max(AUTO_AREA * d.height * d.width, AUTO_MIN_PIXELS)
+        if self.vae_tiling == "on" or large or not fits():
+            return tile
+        return None
 
     def _initial_latents(self, plan: RenderPlan, batch: int, init_noise_sigma: float, init_image: Image.Image | None,
-                         latents: np.ndarray | None, rng: NoiseSource, timer: StageTimer) -> np.ndarray:
+                         latents: np.ndarray | None, rng: NoiseSource, timer: StageTimer,
+                         tile: int | None) -> np.ndarray:
         """Unit noise (or the caller's `latents`) scaled to the schedule's first sigma; for img2img, added to the
         init image's latents."""
         shape = self.family.latent_shape(batch, plan.height, plan.width)
@@ -246,7 +278,7 @@ class Pipeline:
             x = (_initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
             return x
         t = time.perf_counter()
-        clean = self.encode_image(init_image, plan.width, plan.height, rng.randn)  # draws first, as diffusers
+        clean = self.encode_image(init_image, plan.width, plan.height, rng.randn, tile)  # draws first, as diffusers
         clean = np.repeat(clean, batch // clean.shape[0], axis=0)
         timer.stage("vae_encoder", t)
         x = (clean + _initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)
@@ -282,10 +314,20 @@ class Pipeline:
 
     # --- the VAE ----------------------------------------------------------------------------------------------
 
-    def encode_image(self, image: ImageSource, width: int, height: int, noise: Noise) -> np.ndarray:
-        """Init image -> latents, sampled from the VAE's posterior with the render's own noise stream."""
+    def encode_image(self, image: ImageSource, width: int, height: int, noise: Noise,
+                     tile: int | None = None) -> np.ndarray:
+        """Init image -> latents, sampled from the VAE's posterior with the render's own noise stream; with `tile`
+        (latent pixels), encoded in overlapping tiles."""
         pixels = pil_to_vae_input(load_image(image), width, height)
-        moments = self.session("vae_encoder")(sample=pixels)["latent_parameters"]
+        session = self.session("vae_encoder")
+
+        def encode(x: np.ndarray) -> np.ndarray:
+            moments: np.ndarray = session(sample=x)["latent_parameters"]
+            return moments
+
+        down = self.manifest.latent.downscale
+        moments = encode(pixels) if tile is None else tiled(
+            encode, pixels, tile * down, latent_tile(tile, 1)[1] * down, down=down)
         _check_finite(moments, "vae_encoder")
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
@@ -293,10 +335,17 @@ class Pipeline:
         scaled: np.ndarray = (latents - self.manifest.latent.shift_factor) * self.manifest.latent.scaling_factor
         return scaled.astype(np.float32)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
+    def decode(self, latents: np.ndarray, tile: int | None = None) -> np.ndarray:
+        """Latents -> pixels in 0..1; with `tile` (latent pixels), decoded in overlapping tiles."""
         lat = self.manifest.latent
         z = (latents / np.float32(lat.scaling_factor) + np.float32(lat.shift_factor)).astype(np.float32)
-        sample = self.session("vae_decoder")(latent_sample=z)["sample"]
+        session = self.session("vae_decoder")
+
+        def decode(x: np.ndarray) -> np.ndarray:
+            pixels: np.ndarray = session(latent_sample=x)["sample"]
+            return pixels
+
+        sample = decode(z) if tile is None else tiled(decode, z, tile, latent_tile(tile)[1], up=lat.downscale)
         _check_finite(sample, "vae_decoder")
         return decoded_to_unit(sample)
 

@@ -31,7 +31,8 @@ class Backend:
 
 
 # name -> (factory as "module:attribute" within this package, what it is, whether it takes run-time weights).
-# The TensorRT backends run engines built (and cached) from the bundle's own weights, so they take none.
+# The TensorRT and OpenVINO backends run engines or compiled models made (and cached) from the bundle's own weights,
+# so they take none; nor does "auto", which may choose OpenVINO.
 _BUILTIN = {
     "cpu": ("ort:OrtCpuSession", "ONNX Runtime on the CPU, with the export's per-graph options and graph cache",
             True),
@@ -40,6 +41,11 @@ _BUILTIN = {
                      "ONNX Runtime's TensorRT execution provider (needs onnxruntime-gpu and TensorRT)", False),
     "tensorrt": ("tensorrt:TrtSession",
                  "native TensorRT engines from `edgediff build`, through cuda-python (needs edgediff[tensorrt])",
+                 False),
+    "auto": ("choice:open_auto", "each component on the CPU backend measured fastest for it on this machine "
+             "(edgediff bench --backend cpu,openvino --choose); cpu where nothing was measured", False),
+    "openvino": ("openvino:OpenVinoSession",
+                 "OpenVINO's CPU plugin on the bundle's ONNX, compiled once per machine (needs edgediff[openvino])",
                  False),
 }
 
@@ -57,8 +63,8 @@ def check_takes_initializers(name: str) -> None:
     backend = BACKENDS.get(name)
     if backend is not None and not backend.takes_initializers:
         able = " or ".join(n for n, b in BACKENDS.items() if b.takes_initializers)
-        raise BackendError(f"backend {name!r} runs the bundle's own weights and cannot take run-time LoRAs; use "
-                           f"--backend {able}, or fuse the LoRA at export (edgediff export --lora)")
+        raise BackendError(f"backend {name!r} runs engines made from the bundle's own weights and cannot take "
+                           f"run-time LoRAs; use --backend {able}, or fuse the LoRA at export (edgediff export --lora)")
 
 
 def backend_factory(name: str) -> Factory:
