@@ -100,6 +100,8 @@ class Component:
     parity: Parity | None = None
     ort_options: SessionOptions = field(default_factory=SessionOptions)
     conversion: Conversion | None = None
+    # Run-time LoRA: where each source layer's weight lies in the graph (lora_format.LoraMap), one of `files`.
+    lora_map: str | None = field(default=None, metadata=BUNDLE_PATH)
 
     def dynamic_axes(self) -> list[str]:
         names = (d for t in self.inputs + self.outputs for d in t.shape if isinstance(d, str))
@@ -275,8 +277,9 @@ def check_references(m: Manifest) -> None:
         if e.tokenizer not in m.tokenizers:
             raise FieldError(f"text_encoders[{i}].tokenizer", f"no tokenizer {e.tokenizer!r}")
     for name, c in m.components.items():
-        if c.file not in {f.path for f in c.files}:
-            raise FieldError(f"components.{name}.file", f"{c.file!r} is not among the component's files")
+        for what, path in (("file", c.file), ("lora_map", c.lora_map)):
+            if path is not None and path not in {f.path for f in c.files}:
+                raise FieldError(f"components.{name}.{what}", f"{path!r} is not among the component's files")
         for axis in c.dynamic_axes():
             r = c.axes.get(axis)
             if r is None:

@@ -22,6 +22,7 @@ from .cli_options import (
     Commands,
     Named,
     described,
+    lora_option,
     one_line_errors,
     parse_size,
     png_parameters,
@@ -32,7 +33,7 @@ from .runtime.backends import BACKENDS
 from .runtime.noise import NOISE_KINDS
 from .runtime.pipeline import MEMORY_MODES, VAE_TILING
 from .runtime.sampler_catalogue import PRESETS, SAMPLERS
-from .runtime.schedules import DISCRETE, SCHEDULES
+from .runtime.schedules import SCHEDULES
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,8 +83,10 @@ def main():
               "by default each file's size and a 16-chunk fingerprint are checked).")
 @click.option("--allow-symlinks", is_flag=True, help="Load a bundle whose files are symbolic links to elsewhere "
               "(a hub cache's layout) [default: refused].")
+@lora_option("A LoRA (.safetensors, diffusers or kohya keys) added to the weights at load, at SCALE [default: 1]; "
+             "repeatable. The bundle is not changed; it needs LoRA maps (exported by this edgediff).")
 def render(prompt, bundle, output, steps, guidance, negative, seed, size, sampler, num_images, init_image, strength,
-           backend, threads, memory, schedule, noise, eta, true_cfg, verify, allow_symlinks, vae_tiling):
+           backend, threads, memory, schedule, noise, eta, true_cfg, verify, allow_symlinks, vae_tiling, loras):
     """Render PROMPT to a PNG that carries its generation parameters."""
     from tqdm import tqdm
 
@@ -104,7 +107,9 @@ def render(prompt, bundle, output, steps, guidance, negative, seed, size, sample
         _check_sampling_names(sampler, schedule, eta)
         checked_threads(threads)
         pipe = Pipeline.load(bundle, backend=backend, threads=threads, memory=memory, vae_tiling=vae_tiling,
-                             verify="full" if verify else "fast", allow_symlinks=allow_symlinks)
+                             verify="full" if verify else "fast", allow_symlinks=allow_symlinks, loras=loras)
+        if pipe.lora_switch is not None:
+            click.echo(pipe.lora_switch.describe(), err=True)
         bar = None
 
         def progress(step, total, latents):
@@ -150,19 +155,9 @@ def _check_sampling_names(sampler, schedule, eta=None) -> None:
 @main.command()
 def samplers():
     """List the samplers, schedules and distilled-model presets, one line each."""
-    spaced = DISCRETE
-    click.echo("samplers (--sampler; in brackets the schedules each runs on, its default first):")
-    for name, info in SAMPLERS.items():
-        names = [n for n in info.schedules if n not in spaced]
-        if set(spaced) <= set(info.schedules):
-            names.insert(0, "discrete + spacings")
-        click.echo(f"  {name:<13} {info.description} [{', '.join(names)}]")
-    click.echo("schedules (--schedule):")
-    for name, description in SCHEDULES.items():
-        click.echo(f"  {name:<13} {description}")
-    click.echo("presets (from the bundle's manifest, used when no sampler or schedule is given):")
-    for name, p in PRESETS.items():
-        click.echo(f"  {name:<13} {p.sampler}, {p.schedule}: {p.description}")
+    from .describe import describe_samplers
+
+    click.echo("\n".join(describe_samplers()))
 
 
 @contextmanager
@@ -317,11 +312,12 @@ def build(bundle, size, min_size, opt_size, max_size, batch, max_batch, timing_c
 @click.option("--runtime", "runtime_only", is_flag=True,
               help="Show only the runtime: the onnxruntime distribution, its providers, the backends.")
 @click.option("--allow-symlinks", is_flag=True, help="Accept a bundle whose files are symbolic links to elsewhere.")
-def info(bundle, verify, as_json, runtime_only, allow_symlinks):
+@lora_option("A LoRA file: which components and how many layers of BUNDLE it changes at run time (render --lora).")
+def info(bundle, verify, as_json, runtime_only, allow_symlinks, loras):
     """Show what BUNDLE is (default: the built-in model): family, sampling defaults, components, signatures.
     With no BUNDLE, the runtime follows: the onnxruntime distribution installed, its providers, the backends."""
     from .bundle import BundleError, load_manifest
-    from .describe import describe_bundle, describe_runtime
+    from .describe import describe_bundle, describe_loras, describe_runtime
     from .models import builtin_bundle
 
     if runtime_only:
@@ -334,6 +330,7 @@ def info(bundle, verify, as_json, runtime_only, allow_symlinks):
             if bundle is None:
                 raise BundleError("no bundle given and this install has no built-in model; pass a bundle folder")
         manifest = load_manifest(bundle, verify="full" if verify else "fast", allow_symlinks=allow_symlinks)
+        lora_lines = describe_loras(Path(bundle), manifest, loras)
     if as_json:
         click.echo(json.dumps(manifest.to_json(), indent=2))
         return
@@ -341,6 +338,7 @@ def info(bundle, verify, as_json, runtime_only, allow_symlinks):
         click.echo(line)
     if verify:
         click.echo("  verified: every file's sha256 matches")
+    click.echo("\n".join(lora_lines), nl=bool(lora_lines))
     if show_runtime:
         click.echo("\n".join(describe_runtime()))
 

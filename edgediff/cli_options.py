@@ -134,3 +134,19 @@ def png_parameters(prompt, negative, plan, bundle) -> str:
         f"Model: {Path(bundle).name}, Engine: edgediff {__version__}"
     )
     return "\n".join(lines)
+
+
+class LoraArg(click.ParamType):
+    """FILE[:SCALE]: a LoRA and the scale it runs at (1 when not given), as (path, scale)."""
+
+    name = "FILE[:SCALE]"
+
+    def convert(self, value, param, ctx):
+        from .lora_format import as_spec
+
+        return value if isinstance(value, tuple) else as_spec(value)
+
+
+def lora_option(help_text: str):
+    """`--lora FILE[:SCALE]`, repeatable, into the command's `loras` as (path, scale) pairs in order."""
+    return click.option("--lora", "loras", multiple=True, type=LoraArg(), metavar="FILE[:SCALE]", help=help_text)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .bundle import UNKNOWN_LICENCE, Manifest, Provenance
+from .lora_format import LoraSpec, as_spec
 from .runtime import graph_cache
 
 
@@ -44,6 +46,8 @@ def describe_bundle(bundle: Path, manifest: Manifest) -> list[str]:
         parity = f", parity {component.parity.max_abs_err:.2g}" if component.parity else ""
         lines += [f"  {name}: {component.precision}, {size / 1e6:.1f} MB{parity}",
                   f"    in:  {ins}", f"    out: {outs}"]
+        if component.lora_map:
+            lines.append(f"    run-time LoRA: layers mapped in {component.lora_map}")
         cached = graph_cache.cached_graphs((bundle / component.file).parent)
         if cached:
             where = Path(component.file).parent / graph_cache.CACHE_FOLDER
@@ -128,4 +132,39 @@ def describe_runtime() -> list[str]:
         else:
             state = f"needs {provider}, which this onnxruntime lacks"
         lines.append(f"  backend {name}: {state}")
+    return lines
+
+
+def describe_samplers() -> list[str]:
+    """`edgediff samplers`: the samplers, schedules and presets, one line each."""
+    from .runtime.sampler_catalogue import PRESETS, SAMPLERS
+    from .runtime.schedules import DISCRETE, SCHEDULES
+
+    lines = ["samplers (--sampler; in brackets the schedules each runs on, its default first):"]
+    for name, info in SAMPLERS.items():
+        names = [n for n in info.schedules if n not in DISCRETE]
+        if set(DISCRETE) <= set(info.schedules):
+            names.insert(0, "discrete + spacings")
+        lines.append(f"  {name:<13} {info.description} [{', '.join(names)}]")
+    lines.append("schedules (--schedule):")
+    lines += [f"  {name:<13} {description}" for name, description in SCHEDULES.items()]
+    lines.append("presets (from the bundle's manifest, used when no sampler or schedule is given):")
+    lines += [f"  {name:<13} {p.sampler}, {p.schedule}: {p.description}" for name, p in PRESETS.items()]
+    return lines
+
+
+def describe_loras(bundle: Path, manifest: Manifest, loras: Sequence[LoraSpec]) -> list[str]:
+    """`edgediff info --lora`: which components and how many layers of this bundle each LoRA changes at run time;
+    LoraError (one line) for one the bundle cannot take."""
+    from .runtime.lora import match_layers, read_lora
+
+    lines = []
+    for spec in loras:
+        lora = read_lora(*as_spec(spec))
+        touched = match_layers(bundle, manifest, [lora])
+        ranks = sorted({int(layer["down"].shape[0]) for found in lora.layers.values() for layer in found.values()})
+        counts = ", ".join(f"{c} {len(layers)} layers" for c, layers in touched.items())
+        unused = sum(1 for layers in touched.values() for layer in layers if not layer.mapped.parts)
+        lines.append(f"LoRA {lora.path.name} ({lora.format} keys, rank {'/'.join(map(str, ranks))}): {counts}"
+                     + (f" ({unused} of them unused by the exported graphs)" if unused else ""))
     return lines

@@ -11,6 +11,7 @@ Shared by export and runtime: standard library only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,6 +270,20 @@ def bundle_path_problem(path: str) -> str | None:
     if ".." in PurePosixPath(path).parts or ".." in PureWindowsPath(path).parts:
         return f"{_show(path)} climbs out of the bundle (..); a bundle's paths stay inside its folder"
     return None
+
+
+def read_versioned(path: Path, fmt: str, version: int, cls: type, key: str) -> Any:
+    """Record `cls` from the JSON file at `path`: "format" must be `fmt`, "format_version" `version`, and `key`
+    holds the record's one field. Raises one of VERSIONED_ERRORS, for the caller to say what to do."""
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        raise FieldError("format", f"not {fmt!r}")
+    if raw.get("format_version") != version:
+        raise FieldError("format_version", f"{raw.get('format_version')!r}, this edgediff reads {version}")
+    return read_record(cls, {key: raw.get(key, {})}, "")
+
+
+VERSIONED_ERRORS = (OSError, UnicodeDecodeError, json.JSONDecodeError, FieldError)
 
 
 def to_json(record: Any) -> Any:

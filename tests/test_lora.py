@@ -23,19 +23,21 @@ RANK = 4
 SCALE = 0.7
 
 
-def _write_lora(pipeline_class, source, folder, encoders):
-    """A random LoRA on a tiny pipeline's U-Net (attention and resnet convs) and text encoders, in diffusers'
-    format; returns the file."""
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1")
+
+
+def _write_lora(pipeline_class, source, folder, encoders, targets=UNET_TARGETS, seed=0,
+                encoder_projections=("q_proj", "v_proj")):
+    """A random LoRA on a tiny pipeline's U-Net (`targets`: attention and resnet convs) and text encoders, in
+    diffusers' format; returns the file."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     pipe = pipeline_class.from_pretrained(source, **({"safety_checker": None} if "safety_checker" in
                                                       pipeline_class._optional_components else {}))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     # lora_alpha = rank: the scale PEFT applies is then 1, whatever the file's metadata says
-    pipe.unet.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
-    )
+    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(targets)))
     with torch.no_grad():
         for pname, p in pipe.unet.named_parameters():
             if "lora_" in pname:
@@ -47,7 +49,7 @@ def _write_lora(pipeline_class, source, folder, encoders):
         width = getattr(pipe, encoder).config.hidden_size
         layers[f"{encoder}_lora_layers"] = {
             f"text_model.encoder.layers.{i}.self_attn.{proj}.lora_{part}.weight": torch.randn(shape) * 0.2
-            for i in range(2) for proj in ("q_proj", "v_proj")
+            for i in range(2) for proj in encoder_projections
             for part, shape in (("A", (RANK, width)), ("B", (width, RANK)))
         }
     pipeline_class.save_lora_weights(folder, **layers, safe_serialization=True)
@@ -59,22 +61,32 @@ def lora_files(checkpoint, tmp_path_factory):
     """The SD1 LoRA in both formats."""
     folder = tmp_path_factory.mktemp("lora")
     diffusers_file = _write_lora(diffusers.StableDiffusionPipeline, checkpoint("sd1"), folder, ["text_encoder"])
-    kohya = {}
-    for key, value in load_file(diffusers_file).items():
-        component, _, rest = key.partition(".")
-        path, _, part = rest.rpartition(".lora.") if ".lora." in rest else rest.rpartition(".lora_")
-        part = {"A.weight": "down.weight", "B.weight": "up.weight"}.get(part, part)
-        prefix = "lora_unet_" if component == "unet" else "lora_te_"
-        kohya[f"{prefix}{path.replace('.', '_')}.lora_{part}"] = value
-        kohya[f"{prefix}{path.replace('.', '_')}.alpha"] = torch.tensor(float(RANK))
-    kohya_file = folder / "kohya.safetensors"
-    save_file(kohya, kohya_file)
+    kohya_file = to_kohya(diffusers_file, folder / "kohya.safetensors")
     # diffusers' older key style (".lora.down.weight"), which LoRAs on the hub still carry
     from diffusers.utils import convert_state_dict_to_diffusers
 
     old_file = folder / "old.safetensors"
     save_file(convert_state_dict_to_diffusers(load_file(diffusers_file)), old_file)
     return {"diffusers": diffusers_file, "kohya": kohya_file, "diffusers-old": old_file}
+
+
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def to_kohya(diffusers_file, out, alpha=float(RANK), single_encoder=True):
+    """The same LoRA in kohya's keys; with `alpha` below the rank, the up weights are scaled by rank / alpha so that
+    every delta stays the same."""
+    kohya = {}
+    for key, value in load_file(diffusers_file).items():
+        component, _, rest = key.partition(".")
+        path, _, part = rest.rpartition(".lora.") if ".lora." in rest else rest.rpartition(".lora_")
+        part = {"A.weight": "down.weight", "B.weight": "up.weight"}.get(part, part)
+        prefix = "lora_te_" if single_encoder and component == "text_encoder" else KOHYA_PREFIXES[component]
+        value = value * (RANK / alpha) if part == "up.weight" else value
+        kohya[f"{prefix}{path.replace('.', '_')}.lora_{part}"] = value.contiguous()
+        kohya[f"{prefix}{path.replace('.', '_')}.alpha"] = torch.tensor(float(alpha))
+    save_file(kohya, out)
+    return out
 
 
 def test_sdxl_lora_on_the_unet_and_both_text_encoders_renders_like_diffusers(checkpoint, tmp_path):

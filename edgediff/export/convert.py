@@ -7,6 +7,7 @@ import datetime
 import functools
 import gc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +25,12 @@ from ..bundle import (
     default_axis_ranges,
     write_manifest,
 )
+from ..lora_format import KOHYA_PREFIXES as LORA_COMPONENTS
+from ..lora_format import MAP_NAME, LoraSpec, as_spec
 from . import PRECISIONS, flow_families, preflight, specs, specs_flow
 from .calibrate import Calibration, Phase, describe, record_trajectories
 from .checkpoint import Checkpoint, SourceError, single_file_to_folder
-from .lora import Lora, check_components, fuse, parse_lora_arg, read_lora
+from .lora import Lora, check_components, fuse, read_lora
 from .onnx import DEFAULT_OPSET, check_against_torch, export_component, reference_outputs
 from .precision import convert_component
 from .tokenizer import TOKENIZER_FILE, save_canonical_tokenizer
@@ -151,7 +154,7 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     precision: str = "fp32",
     calibration: Calibration | None = None,
-    loras: list[str] | tuple[str, ...] = (),  # FILE[:SCALE], fused in order
+    loras: Sequence[LoraSpec] = (),  # "FILE[:SCALE]" or (file, scale), fused in order
     allow_pickle: bool = False,
     description: str | None = None,  # what the model is, shown by `edgediff info`
     tiny_vae: str | os.PathLike | None = None,  # an AutoencoderTiny folder (TAESD / TAESDXL) to decode with
@@ -177,7 +180,7 @@ def export_bundle(
     if tiny_vae is not None:
         preflight.check_tiny_vae(tiny_vae)
     preflight.check_paths(src, out)
-    lora_files = [read_lora(*parse_lora_arg(str(a)), allow_pickle=allow_pickle) for a in loras]
+    lora_files = [read_lora(*as_spec(a), allow_pickle=allow_pickle) for a in loras]
     options = ExportOptions(src, out, preset, opset, precision, calibration, tuple(lora_files), allow_pickle,
                             tiny_vae, clip_skip, description, progress, license, max_batch, size_range, phase)
     with preflight.export_lock(out):  # held until OUT is in place: a second export to OUT is refused
@@ -241,7 +244,9 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
                 fuse(module, source, asked.loras)
                 spec = make_spec(module)
             path = tmp / name / "model.onnx"
-            written, ort_options = export_component(module, spec, trace_dims, path, opset=asked.opset)
+            mapped = source in LORA_COMPONENTS.values() and not (name == "vae_decoder" and asked.tiny_vae)
+            written, ort_options = export_component(module, spec, trace_dims, path, opset=asked.opset,
+                                                    lora_map=mapped)
             references = reference_outputs(module, spec, gate_dims)
             del module  # before the graph is loaded: both at once would not fit for a full-size SDXL U-Net
             gc.collect()
@@ -257,6 +262,7 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
                 files=files,
                 parity=parity,
                 ort_options=ort_options,
+                lora_map=f"{name}/{MAP_NAME}" if mapped else None,
             )
             proven(name)
         lengths = flow.tokenizer_lengths() if flow is not None else {}
@@ -360,6 +366,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
         written, options, parity, details = convert_component(
             name, target, tmp / c.file, c.outputs, c.ort_options, c.files, gate_feeds, calibration_feeds,
             upcast_attention=bool(ck.unet_config.get("upcast_attention")) and name == "unet", phase=phase,
+            lora_map=c.lora_map is not None,
         )
         for old in c.files:
             if tmp / old.path not in written:

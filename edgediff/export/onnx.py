@@ -11,6 +11,7 @@ import gc
 import logging
 import tempfile
 import warnings
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from ..bundle import FileEntry, Parity, SessionOptions
 from . import gate
+from . import lora_map as lora_maps
 from .gate import Check, Tolerance
 from .specs import ComponentSpec
 
@@ -52,10 +54,12 @@ def _quiet_exporter():
 
 
 def export_component(
-    module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, int], path: Path, *, opset: int = DEFAULT_OPSET
+    module: torch.nn.Module, spec: ComponentSpec, dims: dict[str, int], path: Path, *, opset: int = DEFAULT_OPSET,
+    lora_map: bool = False,
 ) -> tuple[list[Path], SessionOptions]:
     """Export `module` to `path` (model.onnx); weights go to one `model.onnx.data` beside it past
-    EXTERNAL_DATA_THRESHOLD.
+    EXTERNAL_DATA_THRESHOLD. With `lora_map`, also the component's LoRA map (export/lora_map.py), whose weights
+    always go to the data file.
 
     Returns the files written and the ONNX Runtime options the graph should run with."""
     wrapped = spec.wrap(module).eval()
@@ -81,7 +85,11 @@ def export_component(
         # Only the graph is loaded: the weights the exporter wrote to per-tensor files (past 2 GiB) are streamed
         # into the bundle's data file, so a 10 GB SDXL U-Net is never held twice next to its torch module.
         model = onnx.load(str(traced), load_external_data=False)
-        written, weights = save_graph(model, path, source=Path(scratch))
+        pending = lora_maps.match(module, model, Path(scratch)) if lora_map else None
+        written, weights = save_graph(model, path, source=Path(scratch),
+                                      external=pending.external() if pending else ())
+        if pending is not None:
+            written.append(pending.write(model, path))
         convolutional = any(n.op_type == "Conv" for n in model.graph.node)
         del model
         gc.collect()
@@ -114,20 +122,28 @@ def _nbytes(tensor: onnx.TensorProto, source: Path | None) -> int:
     return (Path(source) / info["location"]).stat().st_size - int(info.get("offset", 0))  # torch's per-tensor files
 
 
-def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None) -> tuple[list[Path], int]:
-    """Save `model` as `path`, its weights in one `path.data` file past EXTERNAL_DATA_THRESHOLD.
+def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None,
+               external: Collection[str] = ()) -> tuple[list[Path], int]:
+    """Save `model` as `path`, its weights in one `path.data` file past EXTERNAL_DATA_THRESHOLD; the tensors named
+    in `external` go there whatever their size (ONNX Runtime replaces only external tensors at load).
 
     Tensors whose data is still in external files under `source` (the exporter's per-tensor files) are copied
     across in chunks, never loaded whole. Returns the files written and the weights' size in bytes; a stale data
     file from an earlier graph is replaced."""
+    for t in model.graph.initializer:
+        if t.name in external and not t.HasField("raw_data") and _external(t) is None:
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))  # typed fields: raw
     tensors = [t for t in _tensors(model) if t.HasField("raw_data") or _external(t) is not None]
     weights = sum(_nbytes(t, source) for t in tensors)
     data = path.with_name(path.name + DATA_SUFFIX)
     data.unlink(missing_ok=True)
-    if weights > EXTERNAL_DATA_THRESHOLD:
+    large = weights > EXTERNAL_DATA_THRESHOLD
+    if large or external:
         with open(data, "wb") as out:
             for t in tensors:
-                if _external(t) is None and len(t.raw_data) < INLINE_BYTES:
+                if t.name not in external and (not large or (_external(t) is None and len(t.raw_data) < INLINE_BYTES)):
+                    if _external(t) is not None:
+                        _inline(t, source)
                     continue
                 out.write(b"\0" * (-out.tell() % DATA_ALIGNMENT))
                 offset = out.tell()
@@ -142,14 +158,18 @@ def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None) -
     else:
         for t in tensors:
             if _external(t) is not None:
-                onnx.external_data_helper.load_external_data_for_tensor(t, str(source))
-                t.data_location = onnx.TensorProto.DEFAULT
-                del t.external_data[:]
+                _inline(t, source)
         onnx.save_model(model, str(path))
         written = [path]
     for f in written:
         f.chmod(0o644)  # a bundle is read by whoever renders
     return written, weights
+
+
+def _inline(tensor: onnx.TensorProto, source: Path | None) -> None:
+    onnx.external_data_helper.load_external_data_for_tensor(tensor, str(source))
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
 
 
 def _copy_tensor_data(tensor: onnx.TensorProto, source: Path | None, out) -> None:

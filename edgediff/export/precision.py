@@ -23,6 +23,7 @@ from ..bundle import Conversion, FileEntry, Parity, SessionOptions, TensorSpec
 from ..runtime import graph_cache
 from . import PRECISIONS, gate
 from .calibrate import Phase
+from .lora_map import Follower
 from .onnx import default_ort_options, save_graph
 
 NORMALISATIONS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "BatchNormalization")
@@ -38,7 +39,7 @@ def fp16_islands(component: str, model: onnx.ModelProto, *, upcast_attention: bo
 
 
 def convert_fp16(
-    component: str, path: Path, *, upcast_attention: bool = False
+    component: str, path: Path, *, upcast_attention: bool = False, lora_map: Follower | None = None
 ) -> tuple[list[Path], SessionOptions, Conversion]:
     """Rewrite the fp32 graph at `path` as fp16 in place (fp32 inputs and outputs, fp32 islands).
 
@@ -52,7 +53,9 @@ def convert_fp16(
     # Given the path, the converter infers shapes on disk (in-memory inference stops at protobuf's 2 GiB).
     # keep_io_types: the runtime's feeds and outputs stay float32, as the manifest says; the casts are in-graph.
     model = convert_float_to_float16(str(path), keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + islands)
-    written, weights = save_graph(model, path)
+    written, weights = save_graph(model, path, external=lora_map.resolve(model) if lora_map else ())
+    if lora_map is not None:
+        written.append(lora_map.write(model))
     del model
     return written, default_ort_options(weights), Conversion(fp32_islands=tuple(islands))
 
@@ -68,22 +71,27 @@ def convert_component(
     calibration_feeds: list[dict[str, np.ndarray]] | None = None,
     *,
     upcast_attention: bool = False,
+    lora_map: bool = False,
     phase: Phase | None = None,
 ) -> tuple[list[Path], SessionOptions, Parity, Conversion]:
-    """Convert the proven fp32 graph at `path` to `precision` in place and gate it against the fp32 graph.
+    """Convert the proven fp32 graph at `path` to `precision` in place and gate it against the fp32 graph; with
+    `lora_map`, carry the component's LoRA map over to the converted graph (export/lora_map.py).
 
     Returns the files written, the ONNX Runtime options, the parity record, and what the manifest records about
     the conversion (fp32 islands; the quantization report's summary)."""
-    from .quantize import quantize_int8
+    from .quantize import WEIGHT_RANGE, quantize_int8
 
     names = [t.name for t in outputs]
     # Through the graph cache: the fp32 gate left this graph optimised there, and that is what the fp32 bundle runs.
     reference = gate.run_graph(path, gate_feeds, fp32_ort_options, fp32_files, names)
     graph_cache.clear(path.parent)  # made from the fp32 graph, which is about to be replaced
     if precision == "fp16":
-        written, options, details = convert_fp16(component, path, upcast_attention=upcast_attention)
+        follower = Follower(path) if lora_map else None
+        written, options, details = convert_fp16(component, path, upcast_attention=upcast_attention,
+                                                 lora_map=follower)
     elif precision == "int8":
-        written, options, details = quantize_int8(path, calibration_feeds or [], phase)
+        follower = Follower(path, WEIGHT_RANGE) if lora_map else None
+        written, options, details = quantize_int8(path, calibration_feeds or [], phase, lora_map=follower)
     else:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check = gate.Check(component, f"the {precision} graph", "fp32", gate.REDUCED_TOLERANCES[precision][component])

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from ..atomic import Locked, exclusive
 from ..bundle import FORMAT
+from ..lora_format import safetensors_problem
 from .checkpoint import SourceError, read_json
 
 MIN_OPSET = 17
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 def max_opset() -> int:
@@ -105,23 +105,10 @@ def check_weights(folder: Path) -> None:
 
 
 def check_safetensors(path: Path) -> None:
-    """A .safetensors file whose header parses and whose tensors all lie within the file: a download or copy cut
-    short is found here, by reading the header only, instead of as a traceback from deep in a model load."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < length <= min(MAX_HEADER, size - 8):
-            raise SourceError(f"{path}: not a .safetensors file, or cut short ({size} bytes); copy or download "
-                              "it again")
-        try:
-            header = json.loads(f.read(length))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise SourceError(f"{path}: not a .safetensors file (its header is not a safetensors header)") from None
-    if 8 + length + int(end) > size:
-        raise SourceError(f"{path}: cut short ({size} bytes; its header describes {8 + length + int(end)}); copy "
-                          "or download it again")
+    """A .safetensors file whose header parses and whose tensors all lie within the file (lora_format.py)."""
+    problem = safetensors_problem(path)
+    if problem:
+        raise SourceError(problem)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import onnx
 
 from ..bundle import Conversion, SessionOptions
 from .calibrate import Phase
+from .lora_map import Follower
 from .onnx import save_graph
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -30,6 +31,8 @@ EMBEDDING_LAYERS = ("time_embedding", "time_emb_proj", "add_embedding", "class_e
 # conv is post_quant_conv, a 1x1; its conv_in, which widens the 4 latent channels, is as sensitive and as cheap).
 LATENT_CONVS = ("/conv_in/", "/conv_out/", "/post_quant_conv/", "/quant_conv/")
 REPORT_NAME = "quantization.json"
+# int8 weights in 7 bits: what onnxruntime's reduce_range gives symmetric int8, and what run-time LoRA re-quantizes to
+WEIGHT_RANGE = (-64, 64)
 # ONNX Runtime's CPU kernels run these fused QDQ graphs fastest at the "extended" level with weights pre-packed
 # (docs/int8.md).
 # "extended": the QDQ fusions; cached per machine, so that a load reads the fused graph (full-size SD-Turbo int8
@@ -127,9 +130,9 @@ def activation_ranges(path: Path, feeds: list[dict[str, np.ndarray]], scratch: P
     return cache
 
 
-def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]],
-                  phase: Phase | None = None) -> tuple[list[Path], SessionOptions, Conversion]:
-    """Quantize the fp32 graph at `path` in place, calibrated on `feeds`.
+def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]], phase: Phase | None = None,
+                  lora_map: Follower | None = None) -> tuple[list[Path], SessionOptions, Conversion]:
+    """Quantize the fp32 graph at `path` in place, calibrated on `feeds`; `lora_map` follows the weights.
 
     Returns the files written (the graph, its data, the layer report), the ONNX Runtime options, and the
     manifest's summary of the report."""
@@ -173,7 +176,9 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]],
             },
         )
         model = onnx.load(str(out))
-    written, _ = save_graph(model, path)
+    written, _ = save_graph(model, path, external=lora_map.resolve(model) if lora_map else ())
+    if lora_map is not None:
+        written.append(lora_map.write(model))
     if phase:
         phase(f"{path.parent.name} quantization", 1, 1)
     report = layer_report(model, keep)

@@ -58,6 +58,8 @@ class _SplitGEGLU(torch.nn.Module):
     graph has no Slice copying the double-width projection output into halves (2.5 % of the full-size SD-Turbo
     U-Net step on the CPU, int8 and fp32 alike)."""
 
+    source_name = "proj"  # the linear it replaces, as LoRA files and the LoRA map name it
+
     def __init__(self, geglu):
         super().__init__()
         proj = geglu.proj
@@ -72,6 +74,10 @@ class _SplitGEGLU(torch.nn.Module):
         if proj.bias is not None:
             linear.bias = torch.nn.Parameter(proj.bias[rows].detach().clone(), requires_grad=False)
         return linear
+
+    def source_parts(self) -> tuple[tuple[str, torch.nn.Linear, int], ...]:
+        """(child name, linear, first row of the source projection it holds), for the LoRA map."""
+        return ("value", self.value, 0), ("gate", self.gate, self.value.out_features)
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.value(hidden_states) * torch.nn.functional.gelu(self.gate(hidden_states))

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..atomic import atomic_file
 from ..bundle import BundleError, Component, Manifest
-from ..records import FieldError, read_record, to_json
+from ..records import VERSIONED_ERRORS, read_versioned, to_json
 
 ENGINES_FOLDER = "engines"
 INDEX_NAME = "index.json"
@@ -141,13 +141,8 @@ def read_index(folder: Path) -> EngineIndex:
     if not path.is_file():
         return EngineIndex()
     try:
-        raw = json.loads(path.read_text())
-        if not isinstance(raw, dict) or raw.get("format") != INDEX_FORMAT:
-            raise FieldError("format", f"not {INDEX_FORMAT!r}")
-        if raw.get("format_version") != INDEX_VERSION:
-            raise FieldError("format_version", f"{raw.get('format_version')!r}, this edgediff reads {INDEX_VERSION}")
-        index: EngineIndex = read_record(EngineIndex, {"engines": raw.get("engines", {})}, "")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, FieldError) as e:
+        index: EngineIndex = read_versioned(path, INDEX_FORMAT, INDEX_VERSION, EngineIndex, "engines")
+    except VERSIONED_ERRORS as e:
         raise BundleError(f"{path}: unreadable engine index ({e}); delete {folder} and run `edgediff build` "
                           "again") from None
     return index

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,11 +19,13 @@ import numpy as np
 from PIL import Image
 
 from ..bundle import BundleError, Component, Manifest, Verify, load_manifest
+from ..lora_format import LoraSpec
 from . import memory as memory_estimate
-from .backends import open_session
+from .backends import check_takes_initializers, open_session
 from .denoise import make_denoiser
 from .families import Conditioning, family_for
 from .images import ImageSource, decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
+from .lora import LoraState, LoraSwitch
 from .noise import BatchNoise, NoiseSource, make_noise
 from .plan import (
     OUTPUT_TYPES,
@@ -39,7 +41,7 @@ from .sampler_catalogue import SAMPLERS
 from .samplers import Noise
 from .schedules import Schedule
 from .sessions import Session, SessionSettings
-from .tiling import AUTO_AREA, AUTO_MIN_PIXELS, VAE_TILING, latent_tile, tiled
+from .tiling import VAE_TILING, choose_tile, vae_pass
 from .timing import StageTimer
 
 MEMORY_MODES = ("normal", "low")
@@ -48,8 +50,8 @@ SessionFactory = Callable[[str, Component], Session]
 # (step, steps, latents) -> False to stop the render
 StepCallback = Callable[[int, int, np.ndarray], "bool | None"]
 
-__all__ = ["MEMORY_MODES", "VAE_TILING", "Pipeline", "PipelineOutput", "RenderError", "RenderPlan",
-           "SessionFactory"]
+__all__ = ["MEMORY_MODES", "VAE_TILING", "LoraSpec", "LoraSwitch", "Pipeline", "PipelineOutput", "RenderError",
+           "RenderPlan", "SessionFactory"]
 
 
 @dataclass
@@ -68,9 +70,9 @@ class Pipeline:
 
     def __init__(self, root: Path, manifest: Manifest, *, backend: str = "cpu", threads: int | None = None,
                  memory: str = "normal", session_factory: SessionFactory | None = None,
-                 vae_tiling: str = "auto") -> None:
+                 vae_tiling: str = "auto", loras: Sequence[LoraSpec] = ()) -> None:
         """`session_factory(name, component)` opens each component's session; by default the registry's
-        `backend` does, with `threads` and the memory mode's settings."""
+        `backend` does, with `threads`, the memory mode's settings and the weights `loras` change (set_loras)."""
         if memory not in MEMORY_MODES:
             raise RenderError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
         if vae_tiling not in VAE_TILING:
@@ -82,9 +84,15 @@ class Pipeline:
         self.backend = backend
         self.memory = memory
         settings = SessionSettings(threads=threads, lean=memory == "low")
-        self._open = session_factory or (lambda name, c: open_session(root, name, c, backend, settings))
+        self._loras = LoraState(root, manifest)
+        self._custom_sessions = session_factory is not None
+        self._open = session_factory or (lambda name, c: open_session(
+            root, name, c, backend, replace(settings, initializers=self._loras.weights.get(name, {}))))
         self.family = family_for(root, manifest)
         self._sessions: dict[str, Session] = {}
+        self.lora_switch: LoraSwitch | None = None  # what the last set_loras did, and how long it took
+        if loras:
+            self.set_loras(loras)
         if memory == "normal":
             for name in (*(e.component for e in manifest.text_encoders), self.family.denoiser, "vae_decoder"):
                 self.session(name)
@@ -92,14 +100,15 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, backend: str = "cpu", threads: int | None = None,
              memory: str = "normal", verify: Verify = "fast", allow_symlinks: bool = False,
-             session_factory: SessionFactory | None = None, vae_tiling: str = "auto") -> Pipeline:
+             session_factory: SessionFactory | None = None, vae_tiling: str = "auto",
+             loras: Sequence[LoraSpec] = ()) -> Pipeline:
         """Load a bundle folder, or the built-in model when `path` is None (checks every file's size and
         fingerprint; verify="full" hashes them in full). Every file must lie inside the folder: symbolic links out
         of it (a hub cache's layout) are refused unless `allow_symlinks`.
 
         memory="normal" keeps every session loaded; memory="low" loads each component only for its stage and
         frees it before the next, so peak memory is about the largest component instead of the sum (each render
-        then pays the sessions' load time).
+        then pays the sessions' load time). `loras`: see set_loras.
 
         vae_tiling="on" decodes (and encodes) images larger than the model's native size in overlapping tiles, so
         that the VAE's activation memory is one tile's; "auto" does so from 4x the native pixel count (and 1024²),
@@ -113,7 +122,7 @@ class Pipeline:
         root = Path(path)
         manifest = load_manifest(root, verify=verify, allow_symlinks=allow_symlinks)
         return cls(root, manifest, backend=backend, threads=threads, memory=memory, session_factory=session_factory,
-                   vae_tiling=vae_tiling)
+                   vae_tiling=vae_tiling, loras=loras)
 
     def session(self, name: str) -> Session:
         if name not in self._sessions:
@@ -126,6 +135,46 @@ class Pipeline:
                 self._sessions.clear()
             self._sessions[name] = self._open(name, component)
         return self._sessions[name]
+
+    def set_loras(self, loras: Sequence[LoraSpec]) -> LoraSwitch:
+        """Run with `loras` from now on, instead of the LoRAs before: ("file.safetensors", scale) pairs,
+        "FILE[:SCALE]" strings or paths (scale 1), diffusers or kohya keys, added in NumPy to the weights the
+        bundle's LoRA maps locate and handed to the sessions at creation; the bundle's files are not touched.
+        Only the sessions whose weights change are rebuilt. `[]` goes back to the bundle's own weights.
+
+        Everything is read and checked first: a LoRA this bundle cannot take (another architecture, keys that
+        match nothing, a bundle exported without LoRA maps, a backend that runs fixed engines) raises LoraError or
+        BackendError, one line, and the pipeline stays as it was. Returns what changed and how long it took."""
+        start = time.perf_counter()
+        if loras and self._custom_sessions:
+            raise RenderError("run-time LoRAs need the backend registry's sessions; load without session_factory")
+        if loras:
+            check_takes_initializers(self.backend)
+        new = self._loras.prepare(loras)
+        previous = self._loras.current
+        self._close(new.changed)  # the old sessions and weights go before the new ones are made
+        try:
+            self._loras.apply(new)
+            weights_done = time.perf_counter()
+            self._open_now(new.changed)
+        except BaseException:
+            self._close(new.changed)
+            self._loras.apply(replace(previous, changed=new.changed))
+            self._open_now(new.changed)
+            raise
+        self.lora_switch = self._loras.switch(new, weights_done - start, time.perf_counter() - start)
+        return self.lora_switch
+
+    def _close(self, names: Sequence[str]) -> None:
+        for name in names:
+            session = self._sessions.pop(name, None)
+            if session is not None:
+                session.close()
+
+    def _open_now(self, names: Sequence[str]) -> None:
+        if self.memory == "normal":
+            for name in names:
+                self.session(name)
 
     def plan(self, *, image: Image.Image | None = None, **choices: Any) -> RenderPlan:
         """The render `__call__` would run with these arguments (`make_plan`'s), resolved and checked; with an
@@ -210,16 +259,9 @@ class Pipeline:
 
     def vae_tile(self, height: int, width: int, fits: Callable[[], bool] = lambda: True) -> int | None:
         """The VAE's tile side in latent pixels for an image of height x width pixels, or None where it runs on the
-        whole image: by `vae_tiling`, and for "auto" whether the image is 4x the native pixel count or more (and
-        1024² or more), or the whole-image pass does not `fits()`."""
-        d, down = self.manifest.defaults, self.manifest.latent.downscale
-        tile, _ = latent_tile(min(d.height, d.width) // down)
-        if self.vae_tiling == "off" or (height // down <= tile and width // down <= tile):
-            return None
-        large = height * width >= max(AUTO_AREA * d.height * d.width, AUTO_MIN_PIXELS)
-        if self.vae_tiling == "on" or large or not fits():
-            return tile
-        return None
+        whole image (tiling.choose_tile, by `vae_tiling`)."""
+        d = self.manifest.defaults
+        return choose_tile(self.vae_tiling, height, width, (d.height, d.width), self.manifest.latent.downscale, fits)
 
     def _initial_latents(self, plan: RenderPlan, batch: int, init_noise_sigma: float, init_image: Image.Image | None,
                          latents: np.ndarray | None, rng: NoiseSource, timer: StageTimer,
@@ -277,15 +319,8 @@ class Pipeline:
         """Init image -> latents, sampled from the VAE's posterior with the render's own noise stream; with `tile`
         (latent pixels), encoded in overlapping tiles."""
         pixels = pil_to_vae_input(load_image(image), width, height)
-        session = self.session("vae_encoder")
-
-        def encode(x: np.ndarray) -> np.ndarray:
-            moments: np.ndarray = session(sample=x)["latent_parameters"]
-            return moments
-
-        down = self.manifest.latent.downscale
-        moments = encode(pixels) if tile is None else tiled(
-            encode, pixels, tile * down, latent_tile(tile, 1)[1] * down, down=down)
+        moments = vae_pass(self.session("vae_encoder"), "sample", "latent_parameters", pixels, tile,
+                           down=self.manifest.latent.downscale)
         _check_finite(moments, "vae_encoder")
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
@@ -297,13 +332,7 @@ class Pipeline:
         """Latents -> pixels in 0..1; with `tile` (latent pixels), decoded in overlapping tiles."""
         lat = self.manifest.latent
         z = (latents / np.float32(lat.scaling_factor) + np.float32(lat.shift_factor)).astype(np.float32)
-        session = self.session("vae_decoder")
-
-        def decode(x: np.ndarray) -> np.ndarray:
-            pixels: np.ndarray = session(latent_sample=x)["sample"]
-            return pixels
-
-        sample = decode(z) if tile is None else tiled(decode, z, tile, latent_tile(tile)[1], up=lat.downscale)
+        sample = vae_pass(self.session("vae_decoder"), "latent_sample", "sample", z, tile, up=lat.downscale)
         _check_finite(sample, "vae_decoder")
         return decoded_to_unit(sample)
 

@@ -12,7 +12,8 @@ was expected, so a wrong feed fails with a sentence instead of a backend's stack
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -37,6 +38,9 @@ class SessionSettings:
     # memory="low": no pre-packed weight copies or memory arenas, so what a call allocates goes back when it ends
     lean: bool = False
     device_id: int = 0  # the GPU a device backend runs on
+    # Run-time LoRA (runtime/lora.py): graph initializers replaced at session creation, name -> array of the graph's
+    # dtype and shape; the bundle's files stay as they are. Only backends registered as taking them accept them.
+    initializers: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
 
 
 class Session(Protocol):

@@ -13,7 +13,7 @@ and blends the outputs by weights that ramp linearly across each overlap and sum
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,3 +89,29 @@ def latent_tile(native_latent: int, down: int = 1) -> tuple[int, int]:
     tile = max(down, native_latent // down * down)
     overlap = max(down, int(tile * OVERLAP) // down * down)
     return tile, overlap
+
+
+def choose_tile(mode: str, height: int, width: int, native: tuple[int, int], down: int,
+                fits: Callable[[], bool]) -> int | None:
+    """The tile side in latent pixels for an image of height x width pixels, or None for one pass: by `mode`
+    (VAE_TILING), for "auto" whether the image is AUTO_AREA x the `native` (height, width) pixel count or more (and
+    AUTO_MIN_PIXELS), or the whole-image pass does not `fits()`."""
+    tile, _ = latent_tile(min(native) // down)
+    if mode == "off" or (height // down <= tile and width // down <= tile):
+        return None
+    large = height * width >= max(AUTO_AREA * native[0] * native[1], AUTO_MIN_PIXELS)
+    return tile if mode == "on" or large or not fits() else None
+
+
+def vae_pass(session: Any, feed: str, output: str, x: np.ndarray, tile: int | None, *, up: int = 1,
+             down: int = 1) -> np.ndarray:
+    """`session(feed=x)[output]` on the whole of `x`, or with `tile` (latent pixels) in overlapping tiles; the
+    decoder scales by `up`, the encoder by 1 / `down`."""
+    def run(part: np.ndarray) -> np.ndarray:
+        result: np.ndarray = session(**{feed: part})[output]
+        return result
+
+    if tile is None:
+        return run(x)
+    overlap = latent_tile(tile)[1]
+    return tiled(run, x, tile * down, overlap * down, up=up, down=down)

@@ -46,11 +46,17 @@ class OrtSession(SessionBase):
                                f"{ort.__version__} lacks (it has {', '.join(available)}){self.install_hint}")
         chosen = component.ort_options if self.uses_manifest_options else SessionOptions()
         options = session_options(ort, chosen, settings.threads, settings.lean)
+        # Replaced before ONNX Runtime optimises the graph. The graph cache holds a graph optimised from the
+        # bundle's own weights (convolutions re-laid out, MatMul weights folded), which no replacement would reach.
+        self._initializers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                              for a in settings.initializers.values()]  # must outlive the session
+        if settings.initializers:
+            options.add_external_initializers(list(settings.initializers), self._initializers)
         path = root / component.file
         try:
             self._session = graph_cache.open_session(
                 ort, path, component.files, options, self.provider_chain(root, name, component, settings),
-                cache=chosen.cache_optimized_graph and self.uses_manifest_options)
+                cache=chosen.cache_optimized_graph and self.uses_manifest_options and not settings.initializers)
         except Exception as e:  # onnxruntime raises its own untyped errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if any(part in first for part in _MISSING_LIBRARY):
@@ -82,6 +88,7 @@ class OrtSession(SessionBase):
 
     def close(self) -> None:
         self._session = None
+        self._initializers = []
 
 
 class OrtCpuSession(OrtSession):
