@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli_options import USAGE_ERROR, one_line_errors
+from .cli_options import USAGE_ERROR, lora_option, one_line_errors
 from .runtime.backends import BACKENDS
 
 
@@ -24,6 +24,11 @@ def _need(extra: str, *modules: str) -> None:
             click.echo(f"error: this needs the {extra} extra ({module} is missing); pip install 'edgediff[{extra}]'",
                        err=True)
             sys.exit(USAGE_ERROR)
+
+
+def _absolute(loras) -> list[tuple[str, float]]:
+    """--lora's (path, scale) pairs as plain values with absolute paths: Ray ships them to its workers."""
+    return [(str(Path(path).resolve()), float(scale)) for path, scale in loras]
 
 
 def _autoscaling(ctx, param, value):
@@ -69,8 +74,9 @@ def _autoscaling(ctx, param, value):
               help="--ray: GPUs each replica reserves (1: one replica per GPU).")
 @click.option("--autoscaling", callback=_autoscaling, metavar="JSON",
               help="--ray: Ray Serve autoscaling_config, passed through (replaces --replicas).")
+@lora_option("A LoRA added to every served model's weights at load, at SCALE [default: 1]; repeatable.")
 def serve(bundles, host, port, max_batch, max_queue, timeout, shutdown_timeout, workers, threads, backend, api_key,
-          max_n, max_upload_mb, use_ray, ray_address, replicas, gpus_per_replica, autoscaling):
+          max_n, max_upload_mb, use_ray, ray_address, replicas, gpus_per_replica, autoscaling, loras):
     """Serve BUNDLES (default: the built-in model, id edgediff-builtin) over OpenAI's images API:
     POST /v1/images/generations and /v1/images/edits, GET /v1/models, /healthz and /metrics."""
     _need("serve", "fastapi", "uvicorn", "prometheus_client", "python_multipart")
@@ -80,7 +86,7 @@ def serve(bundles, host, port, max_batch, max_queue, timeout, shutdown_timeout, 
     settings = Settings(bundles=[str(b) for b in bundles], max_batch=max_batch, max_queue=max_queue,
                         workers=workers, threads=threads, backend=backend, api_key=api_key or None,
                         limits=Limits(max_n=max_n, max_upload_bytes=int(max_upload_mb * 2**20), timeout=timeout),
-                        shutdown_timeout=shutdown_timeout)
+                        shutdown_timeout=shutdown_timeout, loras=_absolute(loras))
     if use_ray:
         _need("ray", "ray")
         from .serve.ray_serve import run_ray_serve
@@ -135,7 +141,8 @@ def _server_class(uvicorn):
               help="Prompts per actor call; compatible ones render as one Pipeline batch.")
 @click.option("--threads", type=click.IntRange(1), help="Intra-op threads per Pipeline.")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="cpu", show_default=True)
-def batch(prompts, out_dir, bundle, ray_address, replicas, batch_size, threads, backend):
+@lora_option("A LoRA added to the weights of every model the prompts use, at SCALE [default: 1]; repeatable.")
+def batch(prompts, out_dir, bundle, ray_address, replicas, batch_size, threads, backend, loras):
     """Render every line of PROMPTS (JSON lines: {"prompt": ..., "seed": ..., ...}, see the README) to one PNG
     each in OUT_DIR, with OUT_DIR/results.jsonl. Run again to resume: prompts already rendered are skipped."""
     from tqdm import tqdm
@@ -145,7 +152,7 @@ def batch(prompts, out_dir, bundle, ray_address, replicas, batch_size, threads, 
     if ray_address:
         _need("ray", "ray", "pandas")
     options = BatchOptions(bundle=str(bundle) if bundle else None, replicas=replicas, batch_size=batch_size,
-                           threads=threads, backend=backend, ray_address=ray_address)
+                           threads=threads, backend=backend, ray_address=ray_address, loras=_absolute(loras))
     with one_line_errors(), tqdm(desc="batch", unit="prompt", disable=None) as bar:
         def progress(done, total):
             bar.total = total

@@ -226,3 +226,31 @@ def test_runtime_loras_need_no_torch_nor_safetensors(bundle, loras):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "LoRA: text_encoder 8 layers, unet 65 layers" in done.stdout
+
+
+def test_serve_and_batch_take_lora(bundle, loras, tmp_path):
+    """`serve --lora` and `batch --lora` add the LoRA as `render --lora` does: the same image."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from PIL import Image
+    from serve_helpers import client, pixels, running_server
+
+    from edgediff.serve.app import Settings, load_models
+
+    root = bundle("sd1")
+    a, _, _ = loras("sd1")
+    r = CliRunner().invoke(main, ["render", "a red cat", "-m", str(root), "-o", str(tmp_path / "r.png"), "--seed", "4",
+                                  "--steps", "2", "--size", "32x32", "--lora", f"{a}:0.7"])
+    assert r.exit_code == 0, r.output
+    expected = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"), np.int16)
+    served = load_models(Settings(bundles=[str(root)], loras=[(str(a), 0.7)]))
+    with running_server(served) as base:
+        got = client(base).images.generate(prompt="a red cat", model=root.name, size="32x32",
+                                           extra_body={"seed": 4, "steps": 2})
+    assert np.abs(pixels(got.data[0].b64_json) - expected).max() <= 1
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "cat", "prompt": "a red cat", "seed": 4, "steps": 2, "size": "32x32"}) + "\n")
+    r = CliRunner().invoke(main, ["batch", str(prompts), str(tmp_path / "out"), "-m", str(root), "--lora", f"{a}:0.7"])
+    assert r.exit_code == 0, r.output
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert np.abs(np.asarray(Image.open(png).convert("RGB"), np.int16) - expected).max() <= 1

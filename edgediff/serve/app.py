@@ -57,6 +57,7 @@ class Settings:
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
     shutdown_timeout: float = 30.0
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (absolute path, scale), added at load to each model
 
 
 def load_models(settings: Settings) -> dict[str, Served]:
@@ -69,7 +70,7 @@ def load_models(settings: Settings) -> dict[str, Served]:
         name = BUILTIN_ID if path is None else Path(path).resolve().name
         if name in models:
             raise ValueError(f"two bundles are named {name!r}; model ids are the folders' names")
-        pipe = Pipeline.load(path, backend=settings.backend, threads=settings.threads)
+        pipe = Pipeline.load(path, backend=settings.backend, threads=settings.threads, loras=settings.loras)
         models[name] = Served(name, pipe, previewer(pipe))
     return models
 

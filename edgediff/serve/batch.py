@@ -21,7 +21,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class BatchOptions:
     threads: int | None = None
     backend: str = "cpu"
     ray_address: str | None = None  # None: in this process; "local": a Ray started here; else a cluster's address
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (absolute path, scale), added to every model
 
 
 @dataclass
@@ -90,13 +91,14 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
 class Renderer:
     """What each actor holds (or this process, without Ray): the Pipelines, loaded on first use."""
 
-    def __init__(self, bundle: str | None = None, threads: int | None = None, backend: str = "cpu") -> None:
-        self.bundle, self.threads, self.backend = bundle, threads, backend
+    def __init__(self, bundle: str | None = None, threads: int | None = None, backend: str = "cpu",
+                 loras: list[tuple[str, float]] | None = None) -> None:
+        self.bundle, self.threads, self.backend, self.loras = bundle, threads, backend, loras or []
         self.pipelines: dict[str | None, Pipeline] = {}
 
     def pipeline(self, model: str | None) -> Pipeline:
         if model not in self.pipelines:
-            self.pipelines[model] = Pipeline.load(model, backend=self.backend, threads=self.threads)
+            self.pipelines[model] = Pipeline.load(model, backend=self.backend, threads=self.threads, loras=self.loras)
         return self.pipelines[model]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +223,7 @@ def _results(todo: list[dict[str, Any]], options: BatchOptions) -> Iterator[dict
     if not texts:
         return
     if options.ray_address is None:
-        renderer = Renderer(options.bundle, options.threads, options.backend)
+        renderer = Renderer(options.bundle, options.threads, options.backend, options.loras)
         for i in range(0, len(texts), options.batch_size):
             yield renderer({"line": texts[i:i + options.batch_size]})
         return
@@ -240,7 +242,7 @@ def _ray_results(texts: list[str], options: BatchOptions) -> Iterator[dict[str, 
     dataset = ray.data.from_items([{"line": t} for t in texts])
     rendered = dataset.map_batches(
         Renderer, fn_constructor_kwargs={"bundle": options.bundle, "threads": options.threads,
-                                         "backend": options.backend},
+                                         "backend": options.backend, "loras": options.loras},
         batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=options.replicas), num_cpus=1,
         batch_format="numpy")
     yield from rendered.iter_batches(batch_size=None, batch_format="numpy")
