@@ -55,10 +55,14 @@ def fused_graph(source: Path) -> bytes | None:
 
 def _session(ort: Any, source: Path, graph: bytes | None, options: Any, providers: list[Any]) -> Any:
     """A session on `graph` (source's rewritten form, whose external weights stay beside source) or on source."""
-    if graph is None:
-        return ort.InferenceSession(os.fspath(source), options, providers=providers)
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(source.parent))
-    return ort.InferenceSession(graph, options, providers=providers)
+    if graph is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         os.fspath(source.parent))
+        try:
+            return ort.InferenceSession(graph, options, providers=providers)
+        except Exception:  # an onnxruntime that cannot read a graph from memory beside its weights: run it unfused
+            pass
+    return ort.InferenceSession(os.fspath(source), options, providers=providers)
 
 
 def cpu_features() -> list[str]:
