@@ -1,5 +1,6 @@
-"""The machine's own limit on the benchmark's threads: a large float32 matrix product through NumPy, and a large
-int8 product through ONNX Runtime's integer kernels (what an int8 bundle's MatMulInteger / QLinearConv use).
+"""The machine's own limit on the benchmark's threads: a large float32 matrix product (the faster of NumPy's BLAS
+and ONNX Runtime's MatMul), and a large int8 product through ONNX Runtime's integer kernels (what an int8 bundle's
+MatMulInteger / QLinearConv use).
 
 Each is measured in a child process (peak_child.py) so that the thread count applies from the start (BLAS reads
 it at import).
@@ -27,10 +28,10 @@ def _child(kind: str, n: int, runs: int, threads: int | None) -> dict:
 
 def measure_peak(threads: int | None = None, *, n: int = 3072, runs: int = 5) -> dict:
     """Best-of-`runs` throughput of an n x n x n product: float32 GFLOP/s and int8 GOP/s."""
-    float32 = _child("float32", n, runs, threads)["gflops"]
+    float32 = _child("float32", n, runs, threads)
     try:
         int8 = _child("int8", n, runs, threads)["gops"]
     except (subprocess.CalledProcessError, KeyError):  # onnx missing: the int8 figure is then unknown
         int8 = None
-    return {"float32_gflops": float32, "float32_source": "numpy matmul", "int8_gops": int8,
+    return {"float32_gflops": float32["gflops"], "float32_source": float32["source"], "int8_gops": int8,
             "int8_source": "onnxruntime MatMulInteger", "n": n, "threads": threads}
