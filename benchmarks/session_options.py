@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--graph", type=Path, help="run this graph file instead of the component's (same inputs)")
     p.add_argument("--cached", action="store_true",
-                   help="load through edgediff's graph cache (level all: optimised once, then loaded as saved)")
+                   help="load through edgediff's graph cache (optimised once at --level, all or extended, then "
+                   "loaded as saved; the CPU backend's fused attention included)")
     p.add_argument("--profile", type=int, metavar="N", default=0,
                    help="also print the N op types that took longest in the last run (ONNX Runtime's profiler)")
     args = p.parse_args(argv)

@@ -197,7 +197,7 @@ def default_ort_options(weights: int, convolutional: bool = False) -> SessionOpt
     turn it off, since it keeps a second copy of the matrix weights. `convolutional`: float32 convolutions, which
     the "all" level re-lays out for this CPU (fp16 graphs pass False: the re-layout is float32-only)."""
     large = weights > LARGE_GRAPH_BYTES
-    # cached at either level: a large text encoder's "extended" graph loads in 1.2 s from the cache against 2.6 s
+    # cached at either level: a large text encoder's "extended" graph loads faster from the cache (docs/loading.md)
     return SessionOptions(graph_optimization_level="extended" if large and not convolutional else "all",
                           disable_prepacking=False, cache_optimized_graph=large)
 

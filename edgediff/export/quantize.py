@@ -35,8 +35,7 @@ REPORT_NAME = "quantization.json"
 WEIGHT_RANGE = (-64, 64)
 # ONNX Runtime's CPU kernels run these fused QDQ graphs fastest at the "extended" level with weights pre-packed
 # (docs/int8.md).
-# "extended": the QDQ fusions; cached per machine, so that a load reads the fused graph (full-size SD-Turbo int8
-# U-Net: 3.5 s against 9.0 s; docs/loading.md)
+# "extended": the QDQ fusions; cached per machine, so that a load reads the fused graph (docs/loading.md)
 ORT_OPTIONS = SessionOptions(graph_optimization_level="extended", disable_prepacking=False, cache_optimized_graph=True)
 
 

@@ -23,7 +23,7 @@ from ..lora_format import LoraSpec
 from . import memory as memory_estimate
 from .backends import check_takes_initializers, open_session
 from .denoise import make_denoiser
-from .families import Conditioning, family_for
+from .families import Conditioning, family_for, latent_shape
 from .images import ImageSource, decoded_to_unit, load_image, pil_to_vae_input, unit_to_pil
 from .lora import LoraState, LoraSwitch
 from .noise import BatchNoise, NoiseSource, make_noise
@@ -268,7 +268,7 @@ class Pipeline:
                          tile: int | None) -> np.ndarray:
         """Unit noise (or the caller's `latents`) scaled to the schedule's first sigma; for img2img, added to the
         init image's latents."""
-        shape = self.family.latent_shape(batch, plan.height, plan.width)
+        shape = latent_shape(self.manifest, batch, plan.height, plan.width)
         x: np.ndarray
         if init_image is None:
             x = (_initial_noise(latents, shape, rng) * np.float32(init_noise_sigma)).astype(np.float32)

@@ -83,12 +83,11 @@ def tiled(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: int, over
     return out
 
 
-def latent_tile(native_latent: int, down: int = 1) -> tuple[int, int]:
+def latent_tile(native_latent: int) -> tuple[int, int]:
     """(tile, overlap) in latent pixels for a model whose native image is `native_latent` latents on a side: one
-    native image a tile, a quarter of it overlapping; both multiples of `down`."""
-    tile = max(down, native_latent // down * down)
-    overlap = max(down, int(tile * OVERLAP) // down * down)
-    return tile, overlap
+    native image a tile, a quarter of it overlapping."""
+    tile = max(1, native_latent)
+    return tile, max(1, int(tile * OVERLAP))
 
 
 def choose_tile(mode: str, height: int, width: int, native: tuple[int, int], down: int,

@@ -26,11 +26,14 @@ STAGE_COMPONENTS = {"unet": ("unet",), "vae_decoder": ("vae_decoder", "vae_encod
 
 
 def _versions() -> str:
+    """The installed engines' versions, read from their metadata (importing OpenVINO to ask would cost a second)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     found = []
-    for module in ("onnxruntime", "openvino"):
+    for distribution in ("onnxruntime", "onnxruntime-gpu", "openvino"):
         try:
-            found.append(f"{module}{__import__(module).__version__}")
-        except ImportError:
+            found.append(f"{distribution}{version(distribution)}")
+        except PackageNotFoundError:
             continue
     return " ".join(found)
 

@@ -56,8 +56,6 @@ class Family(Protocol):
     def condition(self, prompts: list[str], negative_prompt: str | list[str] | None, plan: RenderPlan,
                   session: SessionFor, warnings: list[str], timer: StageTimer) -> Conditioning: ...
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]: ...
-
     def uses_cfg(self, plan: RenderPlan) -> bool: ...
 
     def model(self, session: Session, conditioning: Conditioning) -> Model: ...
@@ -71,6 +69,13 @@ FAMILIES = {
     "sd3": "sd3:StableDiffusion3",
     "flux": "flux:Flux",
 }
+
+
+def latent_shape(manifest: Manifest, batch: int, height: int, width: int) -> tuple[int, ...]:
+    """The sampler's latents: (batch, channels, height, width) at the VAE's scale, for every family (FLUX packs
+    its 2x2 patches around the transformer's call, not in the sampler's latents)."""
+    lat = manifest.latent
+    return batch, lat.channels, height // lat.downscale, width // lat.downscale
 
 
 def family_for(root: Path, manifest: Manifest) -> Family:

@@ -93,10 +93,6 @@ class Flux:
         feeds["img_ids"] = image_ids(plan.height // down, plan.width // down)
         return Conditioning(feeds, n * per_image, plan.true_cfg_scale if true_cfg else None)
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        lat = self.manifest.latent
-        return batch, lat.channels, height // lat.downscale, width // lat.downscale
-
     def model(self, session: Session, conditioning: Conditioning) -> Model:
         """The sampler works on unpacked latents (packing is a permutation, so its steps are the same); the
         transformer is fed packed tokens and sigma."""

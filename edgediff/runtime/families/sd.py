@@ -59,10 +59,6 @@ class StableDiffusion:
             feeds["timestep_cond"] = guidance_embedding(np.full(batch, plan.guidance_scale - 1.0, np.float32), dim)
         return Conditioning(feeds, batch, plan.guidance_scale if uncond is not None else None)
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        lat = self.manifest.latent
-        return batch, lat.channels, height // lat.downscale, width // lat.downscale
-
     def model(self, session: Session, conditioning: Conditioning) -> Model:
         bound = session.bind(**conditioning.feeds)
 

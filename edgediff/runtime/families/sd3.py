@@ -80,10 +80,6 @@ class StableDiffusion3:
         pooled = np.concatenate([p for _, p in outputs if p is not None], axis=-1)
         return np.concatenate([clip_hidden, t5_hidden], axis=1).astype(np.float32), pooled
 
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        lat = self.manifest.latent
-        return batch, lat.channels, height // lat.downscale, width // lat.downscale
-
     def model(self, session: Session, conditioning: Conditioning) -> Model:
         bound = session.bind(**conditioning.feeds)
 
