@@ -73,14 +73,14 @@ def test_the_cpu_session_runs_the_fused_graph_and_caches_it_under_its_own_key(bu
     feeds = unet_feeds(unet)
     fused = cached_session(root, unet).run(None, feeds)[0]
     cached = [p for p in (root / "unet" / graph_cache.CACHE_FOLDER).iterdir() if p.is_dir()]
-    assert [p.name.endswith("-mha1") for p in cached] == [True]
+    assert ["mha1" in p.name.split("-") for p in cached] == [True]
     graph = onnx.load(cached[0] / "model.onnx", load_external_data=False)
     assert any(n.op_type == MHA for n in graph.graph.node)
     np.testing.assert_allclose(cached_session(root, unet).run(None, feeds)[0], fused, rtol=0, atol=0)  # from cache
     assert {p: p.read_bytes() for p in (root / "unet").iterdir() if p.is_file()} == before  # the bundle untouched
     monkeypatch.setenv(graph_cache.FUSION_SWITCH, "off")
     plain = cached_session(root, unet).run(None, feeds)[0]
-    assert sorted(p.name.endswith("-mha1") for p in (root / "unet" / graph_cache.CACHE_FOLDER).iterdir()) == [
+    assert sorted("mha1" in p.name.split("-") for p in (root / "unet" / graph_cache.CACHE_FOLDER).iterdir()) == [
         False, True]
     np.testing.assert_allclose(fused, plain, atol=2e-5 * np.abs(plain).max())
 

@@ -8,7 +8,11 @@ CPU features and onnxruntime version that made it, so a cached graph is keyed by
 the graph it was made from (a re-exported bundle never meets a stale cache).
 
 Before ONNX Runtime optimises it, a CPU session's graph gets fused attention (backends/ort_attention.py), so the
-cached graph holds that too and the key says which rewrite made it.
+cached graph holds that too and the key says which rewrite made it. Where the session that makes the cache
+pre-packs its weights, the cache keeps the packed copies too (keys end in `-pp1`), so a later load maps them
+instead of re-packing: most of a large graph's load time (docs/loading.md). A session without pre-packing
+(memory="low") reads the same cache and ignores them; one that made the cache leaves them out, and sessions that
+pre-pack then pack at load, as without a cache.
 
 Where: `<component>/.ort-optimized/<key>/` inside the bundle, so that the export can warm it and a copied bundle
 carries it; where the bundle is read-only (an installed package), the user's cache folder. Set
@@ -32,6 +36,8 @@ from .backends import ort_attention
 CACHE_FOLDER = ".ort-optimized"
 ENV_SWITCH = "EDGEDIFF_GRAPH_CACHE"
 FUSION_SWITCH = "EDGEDIFF_FUSED_ATTENTION"  # "off": CPU sessions run the exported attention as it is
+DISABLE_PREPACKING = "session.disable_prepacking"
+PREPACK_VERSION = "pp1"  # caches that may hold the kernels' pre-packed weights beside the graph's own
 
 
 def enabled(switch: str = ENV_SWITCH) -> bool:
@@ -112,7 +118,8 @@ def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: 
     names = [p if isinstance(p, str) else p[0] for p in providers]
     on_cpu = names == ["CPUExecutionProvider"]
     wanted = cache and level in levels and on_cpu and enabled()
-    rewrite = "-".join(t for t in (ort_attention.VERSION if enabled(FUSION_SWITCH) else "", levels.get(level)) if t)
+    rewrite = "-".join(t for t in (ort_attention.VERSION if enabled(FUSION_SWITCH) else "", levels.get(level),
+                                   PREPACK_VERSION) if t)
     key = cache_key(ort.__version__, files, rewrite) if wanted else None
     if key is None:
         return _session(ort, source, fused_graph(source) if on_cpu else None, options, providers)
@@ -131,7 +138,7 @@ def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: 
         session = None
         try:
             with atomic_folder(folder) as partial:
-                _save_optimized_to(options, partial, source, files)
+                _save_optimized_to(options, partial, source)
                 session = _session(ort, source, graph, options, providers)
                 for f in partial.iterdir():
                     f.chmod(0o644)  # onnxruntime writes external data owner-only; a bundle is read by whoever renders
@@ -147,12 +154,21 @@ def open_session(ort: Any, source: Path, files: tuple[FileEntry, ...], options: 
     return _session(ort, source, graph, options, providers)
 
 
-def _save_optimized_to(options: Any, folder: Path, source: Path, files: tuple[FileEntry, ...]) -> None:
+def _prepacking(options: Any) -> bool:
+    try:
+        return bool(options.get_session_config_entry(DISABLE_PREPACKING) != "1")
+    except RuntimeError:  # onnxruntime's answer for an entry never set
+        return True
+
+
+def _save_optimized_to(options: Any, folder: Path, source: Path) -> None:
+    # weights go to a data file of their own even where the exported graph holds them inline: it is mapped at
+    # load, and only there can onnxruntime keep the packed copies
     options.optimized_model_filepath = os.fspath(folder / source.name)
-    if any(f.path.endswith(".data") for f in files):
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", source.name + ".data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", source.name + ".data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if _prepacking(options):
+        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
 
 
 def cached_graphs(component_dir: Path) -> dict[str, int]:

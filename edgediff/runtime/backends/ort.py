@@ -174,7 +174,7 @@ def session_options(ort: Any, chosen: SessionOptions, threads: int | None, lean:
     if chosen.disable_prepacking or lean:
         # Pre-packing copies every GEMM weight into the kernel's layout at load: seconds, and a second copy of
         # memory-mapped weights (1.2 GB for the SD U-Net); it pays back in speed only when memory is no object.
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.add_session_config_entry(graph_cache.DISABLE_PREPACKING, "1")
     if threads:
         options.intra_op_num_threads = threads
     if lean:
