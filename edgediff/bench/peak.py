@@ -1,6 +1,6 @@
 """The machine's own limit on the benchmark's threads: a large float32 matrix product (the faster of NumPy's BLAS
 and ONNX Runtime's MatMul), and a large int8 product through ONNX Runtime's integer kernels (what an int8 bundle's
-MatMulInteger / QLinearConv use).
+MatMulInteger / QLinearConv use), both with constant, pre-packed weights as a model has.
 
 Each is measured in a child process (peak_child.py) so that the thread count applies from the start (BLAS reads
 it at import).
