@@ -92,6 +92,7 @@ def test_export_warms_the_cache_of_large_convolutional_graphs(checkpoint, tmp_pa
     from edgediff.export.convert import export_bundle
 
     monkeypatch.setattr(export_onnx, "LARGE_GRAPH_BYTES", 0)
+    monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_THRESHOLD", 0)  # and large enough to be cached
     out = tmp_path / "bundle"
     export_bundle(checkpoint("sd1"), out)
     components = read_manifest(out).components
@@ -134,3 +135,15 @@ def test_the_cache_keeps_the_pre_packed_weights_for_the_next_load(bundle_copy):
                                            session_options(ort, SessionOptions("all"), threads=None, lean=True),
                                            CPU, cache=True)
     np.testing.assert_allclose(lean_reader.run(None, feeds)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graphs_with_a_data_file_of_their_own_are_cached():
+    """From the size that gets an external data file, the export marks a graph for the cache (which keeps its
+    pre-packed weights): the fp32 VAE decoder as well as the U-Net; small graphs load fast without."""
+    from edgediff.export.onnx import EXTERNAL_DATA_THRESHOLD, LARGE_GRAPH_BYTES, default_ort_options
+
+    assert not default_ort_options(EXTERNAL_DATA_THRESHOLD).cache_optimized_graph
+    assert default_ort_options(EXTERNAL_DATA_THRESHOLD + 1, convolutional=True) == SessionOptions(
+        "all", disable_prepacking=False, cache_optimized_graph=True)
+    encoder = default_ort_options(LARGE_GRAPH_BYTES + 1)
+    assert (encoder.graph_optimization_level, encoder.cache_optimized_graph) == ("extended", True)
