@@ -4,6 +4,9 @@ No weights can be downloaded here, so benchmarks run on the real configs with ra
 
     python benchmarks/make_checkpoints.py sd-turbo benchmarks/checkpoints/sd-turbo
     python benchmarks/make_checkpoints.py sdxl-turbo benchmarks/checkpoints/sdxl-turbo   # ~14 GB in fp32, 11 GB RSS
+    python benchmarks/make_checkpoints.py sdxl-turbo benchmarks/checkpoints/sdxl-turbo --fp16   # ~7 GB on disk
+    python benchmarks/make_checkpoints.py sdxs-512 benchmarks/checkpoints/sdxs-512   # 1.8 GB
+    python benchmarks/make_checkpoints.py taesdxl benchmarks/checkpoints/taesdxl-random   # a tiny VAE, 10 MB
 """
 
 from __future__ import annotations
@@ -80,11 +83,59 @@ SDXL_TURBO = {
     "pad_token_2": "!",
 }
 
-ARCHITECTURES = {"sd-turbo": SD_TURBO, "sdxl-turbo": SDXL_TURBO}
+# SDXS-512-DreamShaper (IDKiro/sdxs-512-dreamshaper; arXiv 2403.16627): an SD 1.5 CLIP-L text encoder, a U-Net
+# slimmed by block removal (three levels, one ResNet per level, no mid block: 316 M parameters, the hub's 1.26 GB
+# fp32 file) and TAESD as the checkpoint's own VAE; one step, no CFG. Configs as the hub ships them (the unet, vae
+# and text_encoder config.json files of revision 76f7202, as mirrored in lsb/6-bit-palettized-sdxs-512-dreamshaper);
+# the U-Net keys past the mirror's excerpt (up blocks, conv projections) from stable-diffusion.cpp's SDXS_512_DS
+# variant, which loads the real weights. The scheduler file was not found: the SD 1.5 training betas stand in;
+# the bundle's turbo preset (one step from timestep 999, as the model card's pipeline call runs) fixes what runs.
+SDXS_512 = {
+    "unet": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
+        cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False,
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+    ),
+    "text_encoder": dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ),
+    "vae_class": "AutoencoderTiny",
+    "vae": dict(),  # diffusers' AutoencoderTiny defaults, as the hub's vae/config.json lists them
+    "scheduler": dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", steps_offset=1,
+    ),
+    "pad_token": "<|endoftext|>",
+}
+
+ARCHITECTURES = {"sd-turbo": SD_TURBO, "sdxl-turbo": SDXL_TURBO, "sdxs-512": SDXS_512}
+# Tiny VAEs (madebyollin/taesd, madebyollin/taesdxl): both are diffusers' AutoencoderTiny defaults (scaling factor
+# 1.0, no shift); they differ only in their trained weights, TAESDXL decoding the SDXL VAE's latent space.
+TINY_VAES = ("taesd", "taesdxl")
 CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-tokenizer"
 
 
-def make(name: str, out: Path, seed: int = 0) -> Path:
+def make_tiny_vae(out: Path, seed: int = 0) -> Path:
+    """AutoencoderTiny at its defaults, every weight nudged off its initial value as benchmarks/checkpoints/
+    taesd-random's were (benchmarks/RESULTS.md): random weights of the trained model's architecture."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    vae.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make(name: str, out: Path, seed: int = 0, fp16: bool = False) -> Path:
     """Build and save one component at a time, so that the peak is the largest component (SDXL's 10.3 GB U-Net),
     not the whole pipeline; model_index.json is written as diffusers' save_pretrained writes it."""
     import gc
@@ -92,15 +143,16 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
 
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     arch = ARCHITECTURES[name]
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     sdxl = "text_encoder_2" in arch  # the second encoder has the projection whose pooled output the U-Net takes
+    vae_class = AutoencoderTiny if arch.get("vae_class") == "AutoencoderTiny" else AutoencoderKL
     builders = {
-        "vae": lambda: AutoencoderKL(**arch["vae"]),
+        "vae": lambda: vae_class(**arch["vae"]),
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
         **({"text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))}
            if sdxl else {}),
@@ -114,6 +166,8 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
     }
     for component, build in builders.items():
         module = build()
+        if fp16 and component != "scheduler":
+            module = module.half()  # the exporter loads in fp32 whatever the files hold: only disk is halved
         module.save_pretrained(out / component, **({} if component == "scheduler" else {"safe_serialization": True}))
         library = "transformers" if component.startswith("text_encoder") else "diffusers"
         index[component] = [library, type(module).__name__]
@@ -140,13 +194,18 @@ def make(name: str, out: Path, seed: int = 0) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("architecture", choices=sorted(ARCHITECTURES))
+    parser.add_argument("architecture", choices=sorted([*ARCHITECTURES, *TINY_VAES]))
     parser.add_argument("out", type=Path)
+    parser.add_argument("--fp16", action="store_true",
+                        help="save the weights in half precision (half the disk, as the hub's fp16 variants)")
     args = parser.parse_args(argv)
     if not (CLIP_TOKENIZER / "vocab.json").is_file():
         print(f"error: the CLIP tokenizer files are expected in {CLIP_TOKENIZER}", file=sys.stderr)
         return 2
-    make(args.architecture, args.out)
+    if args.architecture in TINY_VAES:
+        make_tiny_vae(args.out, seed=TINY_VAES.index(args.architecture) + 1)
+    else:
+        make(args.architecture, args.out, fp16=args.fp16)
     print(args.out)
     return 0
 

@@ -53,3 +53,16 @@ def test_per_tensor_files_become_one_data_file_or_inline(tmp_path, monkeypatch, 
         assert written[1].stat().st_size >= weights  # every weight moved (tensors start on 64-byte boundaries)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_consumed_per_tensor_files_are_deleted_as_they_are_copied(tmp_path, monkeypatch):
+    """The export's disk peak: each per-tensor file goes once its bytes are in the data file."""
+    x, expected = _exported_like_a_big_model(tmp_path / "traced")
+    monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_THRESHOLD", 0)
+    model = onnx.load(str(tmp_path / "traced" / "model.onnx"), load_external_data=False)
+    out = tmp_path / "bundle" / "model.onnx"
+    out.parent.mkdir()
+    export_onnx.save_graph(model, out, source=tmp_path / "traced", consume=True)
+    assert sorted(p.name for p in (tmp_path / "traced").iterdir()) == ["model.onnx"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)

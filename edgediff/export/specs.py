@@ -144,6 +144,29 @@ class _VaeEncoder(torch.nn.Module):
         return (moments,)
 
 
+# The log-variance a tiny VAE's encoder is given (its latents are deterministic): the runtime clips it to -30
+# as diffusers does, so it samples mean + 3e-7 * noise, where diffusers takes AutoencoderTiny's latents as they are.
+TINY_ENCODER_LOGVAR = -30.0
+
+
+class _TinyVaeEncoder(torch.nn.Module):
+    """AutoencoderTiny (SDXS and other checkpoints that ship TAESD as their own VAE) in the encoder's place. Its
+    latents are deterministic; they are stacked with a constant log-variance so that the bundle keeps one encoder
+    signature and the runtime samples from them as from any VAE's moments."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        latents = self.vae.encode(sample, return_dict=False)[0]
+        return (torch.cat([latents, torch.full_like(latents, TINY_ENCODER_LOGVAR)], dim=1),)
+
+
+def _is_tiny(vae) -> bool:
+    return type(vae).__name__ == "AutoencoderTiny"
+
+
 def _randn(shape, g):
     return torch.randn(*shape, generator=g)
 
@@ -256,7 +279,7 @@ def vae_encoder_spec(vae) -> ComponentSpec:
                 "latent_parameters", "float32", ("batch", 2 * cfg.latent_channels, "latent_height", "latent_width")
             ),
         ),
-        wrap=_VaeEncoder,
+        wrap=_TinyVaeEncoder if _is_tiny(vae) else _VaeEncoder,
         sample=sample,
     )
 
