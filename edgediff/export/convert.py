@@ -71,7 +71,7 @@ def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=(), t5: 
     the VAE encoder only for img2img, so they keep fp32's accuracy. int4 is for memory: the transformer and T5
     (component `t5`) hold nearly all of SD3's and FLUX's weights, and their MatMuls are what it quantizes."""
     if precision == "int4":
-        targets = {name: "int4" for name in ("transformer", t5) if name in components}
+        targets = {name: "int4" for name in ("transformer", t5 or "") if name in components}
     elif precision == "int8":
         targets = {"transformer" if "transformer" in components else "unet": "int8", "vae_decoder": "int8"}
     elif precision == "fp16":
