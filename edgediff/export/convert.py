@@ -385,6 +385,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
             parity=dataclasses.replace(parity, fp32_against_pytorch=c.parity),
             ort_options=options,
             conversion=details,
+            lora_map=None if target == "int4" else c.lora_map,  # no run-time LoRA onto 4-bit weights
         )
         gc.collect()
         proven(f"{name} {target}")
