@@ -32,8 +32,9 @@ SCHEME = (f"weight-only: MatMul weights int4 symmetric, one fp32 scale per {BLOC
           f"opset {OPSET}, fused into MatMulNBits by ONNX Runtime's CPU optimizer); activations fp32")
 
 
-def quantize_int4(path: Path) -> tuple[list[Path], SessionOptions, Conversion]:
-    """Quantize the MatMul weights of the fp32 graph at `path` to 4 bits, in place.
+def quantize_int4(path: Path, block_size: int | None = None) -> tuple[list[Path], SessionOptions, Conversion]:
+    """Quantize the MatMul weights of the fp32 graph at `path` to 4 bits, in place; `block_size` rows per scale
+    other than BLOCK_SIZE only for measurements (SCHEME states BLOCK_SIZE).
 
     Returns the files written (the graph, its data, the layer report), the ONNX Runtime options, and the
     manifest's summary of the report."""
@@ -50,8 +51,8 @@ def quantize_int4(path: Path) -> tuple[list[Path], SessionOptions, Conversion]:
     model = version_converter.convert_version(model, OPSET)
     onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     gemms_as_matmuls(model, keep)
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, quant_format=QuantFormat.QDQ,
-                                          op_types_to_quantize=("MatMul",))
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size or BLOCK_SIZE, is_symmetric=True,
+                                          quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
     with _quiet():
         quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(keep), algo_config=config)
         quantizer.process()
