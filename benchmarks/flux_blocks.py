@@ -5,7 +5,7 @@ FLUX.1's transformer does not fit this 24 GB machine in fp32 (47 GB) nor its exp
 24 heads x 128, MLP ratio 4) and random weights, at 512^2 (64 x 64 latents packed 2 x 2: 1024 image tokens) with
 256 (schnell) and 512 (dev) T5 tokens. Each is exported with edgediff's exporter and fp32 parity gate
 (export/onnx.py), converted as a bundle's transformer would be: int8 QDQ (export/quantize.py, calibrated on random
-block inputs) and 4-bit weights (export/weights4.py; and at onnxruntime's default block of 128 for comparison), and
+block inputs) and 4-bit weights (export/weights4.py, 128 rows per scale; and at 32 rows per scale for comparison), and
 timed on ONNX Runtime's CPU backend with 2 threads, each graph in its own process (peak RSS is that session's).
 The per-step projection for the whole model (19 double + 38 single blocks + embedders / final layer, parameters
 counted from FLUX.1-dev's config) follows from those. docs/flux_streaming.md reads the figures.
@@ -42,7 +42,7 @@ WIDTH = 128 * FLUX_DEV["num_attention_heads"]  # 3072
 IMAGE_SIDE = 32  # packed tokens a side at 512^2: 512 / 8 (VAE) / 2 (packing)
 TEXT_TOKENS = {"schnell": 256, "dev": 512}
 KINDS = ("double", "single")
-PRECISIONS = ("fp32", "int8", "int4", "int4-b128")
+PRECISIONS = ("fp32", "int8", "int4", "int4-b32")
 
 
 def _rotary(tokens: int):
@@ -167,7 +167,7 @@ def convert(spec, fp32: Path, precision: str) -> dict:
     if precision == "int8":  # calibrated on other random inputs than those it is measured on
         _, options, _ = quantize_int8(path, [_feeds(spec, TEXT_TOKENS["dev"], 300 + i) for i in range(2)])
     else:
-        _, options, _ = quantize_int4(path, block_size=128 if precision == "int4-b128" else None)
+        _, options, _ = quantize_int4(path, block_size=32 if precision == "int4-b32" else None)
     result: dict = {"convert_s": time.perf_counter() - start, "bytes": _size(folder),
                     "level": options.graph_optimization_level}
     if precision.startswith("int4"):
@@ -206,7 +206,7 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def child(path: Path, precision: str, text: int, runs: int) -> None:
+def child(path: Path, precision: str, text: int, runs: int, lean: bool) -> None:
     """One session, as the CPU backend opens this precision's graph, 2 threads: load, one warm-up call, `runs`
     timed calls; resident memory before and after loading and at peak."""
     import onnxruntime as ort
@@ -220,7 +220,7 @@ def child(path: Path, precision: str, text: int, runs: int) -> None:
     chosen = ORT_OPTIONS if precision == "int8" else default_ort_options(_size(path.parent))
     baseline = _rss("VmRSS")
     start = time.perf_counter()
-    session = ort.InferenceSession(str(path), session_options(ort, chosen, threads=2, lean=False),
+    session = ort.InferenceSession(str(path), session_options(ort, chosen, threads=2, lean=lean),
                                    providers=["CPUExecutionProvider"])
     load = time.perf_counter() - start
     loaded = _rss("VmRSS")
@@ -234,18 +234,28 @@ def child(path: Path, precision: str, text: int, runs: int) -> None:
                       "loaded_rss": loaded, "peak_rss": _rss("VmHWM")}))
 
 
+# (precision, label, lean): every precision at both text lengths, and as memory="low" opens it (no pre-packing, no
+# arena) at dev's
+VARIANTS = [(p, label, False) for p in PRECISIONS for label in TEXT_TOKENS] + [
+    (p, "dev", True) for p in ("fp32", "int8", "int4")]
+
+
+def variant(precision: str, lean: bool) -> str:
+    return precision + ("-lean" if lean else "")
+
+
 def time_all(out: Path, runs: int) -> dict:
     results = {}
     for kind in KINDS:
-        for precision in PRECISIONS:
-            for label, text in TEXT_TOKENS.items():
-                path = out / kind / precision / "model.onnx"
-                done = subprocess.run([sys.executable, __file__, "_child", str(path), precision, str(text), str(runs)],
-                                      capture_output=True, text=True, check=True)
-                results[f"{kind} {precision} {label}"] = reply = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"{kind:6} {precision:9} {label:7} median {reply['median_s']:.3f} s of {reply['times_s']}, "
-                      f"load {reply['load_s']:.1f} s, RSS loaded {_gb(reply['loaded_rss'] - reply['baseline_rss'])} "
-                      f"(+{_gb(reply['baseline_rss'])} before), peak {_gb(reply['peak_rss'])}", flush=True)
+        for precision, label, lean in VARIANTS:
+            path = out / kind / precision / "model.onnx"
+            done = subprocess.run([sys.executable, __file__, "_child", str(path), precision, str(TEXT_TOKENS[label]),
+                                   str(runs), str(int(lean))], capture_output=True, text=True, check=True)
+            name = variant(precision, lean)
+            results[f"{kind} {name} {label}"] = reply = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{kind:6} {name:10} {label:7} median {reply['median_s']:.3f} s of {reply['times_s']}, "
+                  f"load {reply['load_s']:.1f} s, RSS loaded {_gb(reply['loaded_rss'] - reply['baseline_rss'])} "
+                  f"(+{_gb(reply['baseline_rss'])} before), peak {_gb(reply['peak_rss'])}", flush=True)
     (out / "timings.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -282,26 +292,26 @@ def project(out: Path) -> None:
     blocks = json.loads((out / "blocks.json").read_text())
     timings = json.loads((out / "timings.json").read_text())
     print("| precision | text | double block | single block | per step (19 + 38 + rest) | weights on disk | "
-          "resident weights | projected peak RSS |\n|---|---|---|---|---|---|---|---|")
-    for label, text in TEXT_TOKENS.items():
+          "RSS per graph byte | projected peak RSS (no interpreter) |\n|---|---|---|---|---|---|---|---|")
+    for precision, label, lean in VARIANTS:
+        text = TEXT_TOKENS[label]
         counts = whole_model(text)
-        for precision in PRECISIONS:
-            d, s = (timings[f"{kind} {precision} {label}"] for kind in KINDS)
-            step = 19 * d["median_s"] + 38 * s["median_s"] + counts["rest_share"] * d["median_s"]
-            per_param = blocks["double"][precision]["bytes"] / blocks["double"]["parameters"]
-            disk = (19 * blocks["double"][precision]["bytes"] + 38 * blocks["single"][precision]["bytes"]
-                    + counts["rest"] * per_param)
-            resident = sum(n * (r["loaded_rss"] - r["baseline_rss"]) for n, r in ((19, d), (38, s)))
-            resident += counts["rest"] * per_param
-            activations = max(r["peak_rss"] - r["loaded_rss"] for r in (d, s))
-            print(f"| {precision} | {label} {text} | {d['median_s']:.2f} s | {s['median_s']:.2f} s | {step:.0f} s | "
-                  f"{_gb(disk)} | {_gb(resident)} | {_gb(d['baseline_rss'] + resident + activations)} |")
+        d, s = (timings[f"{kind} {variant(precision, lean)} {label}"] for kind in KINDS)
+        step = 19 * d["median_s"] + 38 * s["median_s"] + counts["rest_share"] * d["median_s"]
+        per_param = blocks["double"][precision]["bytes"] / blocks["double"]["parameters"]
+        disk = (19 * blocks["double"][precision]["bytes"] + 38 * blocks["single"][precision]["bytes"]
+                + counts["rest"] * per_param)
+        # what a session holds per byte of graph (pre-packed copies, the fused graph), as the double block shows it
+        held = (d["loaded_rss"] - d["baseline_rss"]) / blocks["double"][precision]["bytes"]
+        activations = max(r["peak_rss"] - r["loaded_rss"] for r in (d, s))
+        print(f"| {variant(precision, lean)} | {label} {text} | {d['median_s']:.2f} s | {s['median_s']:.2f} s | "
+              f"{step:.0f} s | {_gb(disk)} | {held:.2f} x | {_gb(disk * held + activations)} |")
     print(f"\nparameters: {json.dumps(whole_model(TEXT_TOKENS['dev']))}")
 
 
 def main() -> None:
     if sys.argv[1:2] == ["_child"]:
-        child(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        child(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("export", "time", "project"))

@@ -24,10 +24,10 @@ from ..bundle import Conversion, SessionOptions
 from .onnx import default_ort_options, save_graph
 from .quantize import REPORT_NAME, _quiet, float_layers, layer_report
 
-# Rows of the weight (the MatMul's K axis) sharing one scale. 32 as llama.cpp's Q4_0: on FLUX.1's full-width
-# blocks it leaves a sixth less error than onnxruntime's default 128 (block update 16-17 % RMS against 20 %) for
-# 0.75 bit more per weight (docs/flux_streaming.md).
-BLOCK_SIZE = 32
+# Rows of the weight (the MatMul's K axis) sharing one scale: onnxruntime's default. On FLUX.1's full-width blocks
+# 32 rows (llama.cpp's Q4_0) leave a sixth less error (block update 16-17 % RMS against 20 %) but run a third
+# slower in MatMulNBits, barely faster than fp32, for 0.75 bit more per weight (docs/flux_streaming.md).
+BLOCK_SIZE = 128
 OPSET = 21  # DequantizeLinear's int4 inputs and block_size attribute
 SCHEME = (f"weight-only: MatMul weights int4 symmetric, one fp32 scale per {BLOCK_SIZE} input rows (DequantizeLinear "
           f"opset {OPSET}, fused into MatMulNBits by ONNX Runtime's CPU optimizer); activations fp32")
