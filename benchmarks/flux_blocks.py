@@ -256,8 +256,26 @@ def time_all(out: Path, runs: int) -> dict:
             print(f"{kind:6} {name:10} {label:7} median {reply['median_s']:.3f} s of {reply['times_s']}, "
                   f"load {reply['load_s']:.1f} s, RSS loaded {_gb(reply['loaded_rss'] - reply['baseline_rss'])} "
                   f"(+{_gb(reply['baseline_rss'])} before), peak {_gb(reply['peak_rss'])}", flush=True)
-    (out / "timings.json").write_text(json.dumps(results, indent=2) + "\n")
+    runs_done = len(list(out.glob("timings-*.json")))
+    (out / f"timings-{runs_done + 1}.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def median_timings(out: Path) -> tuple[dict, int]:
+    """Each figure's median over the `time` runs so far (one timings-N.json each)."""
+    runs = [json.loads(f.read_text()) for f in sorted(out.glob("timings-*.json"))]
+    keys = set.union(*(set(r) for r in runs))
+    return {k: {field: statistics.median(r[k][field] for r in runs if k in r) for field in
+                ("median_s", "load_s", "baseline_rss", "loaded_rss", "peak_rss")} for k in keys}, len(runs)
+
+
+def per_block(timings: dict) -> None:
+    print("| block | precision | text | time per call | RSS after load | peak RSS |\n|---|---|---|---|---|---|")
+    for kind in KINDS:
+        for precision, label, lean in VARIANTS:
+            t = timings[f"{kind} {variant(precision, lean)} {label}"]
+            print(f"| {kind} | {variant(precision, lean)} | {TEXT_TOKENS[label]} | {t['median_s']:.3f} s | "
+                  f"{_gb(t['loaded_rss'] - t['baseline_rss'])} | {_gb(t['peak_rss'] - t['baseline_rss'])} |")
 
 
 def _gb(n: float) -> str:
@@ -288,24 +306,35 @@ def whole_model(text: int) -> dict[str, float]:
 
 
 def project(out: Path) -> None:
-    """Per-step time and resident memory of the whole transformer, from the per-block measurements."""
+    """Per-step time and peak memory of the whole transformer, from the per-block measurements.
+
+    A block holds what its session took at load (pre-packed weights; RSS after load less the interpreter's) and
+    needs its activations on top (peak less loaded). The whole model holds 57 blocks' and the rest's weights (at
+    the double block's bytes per parameter) and one block's activations at a time. Sessions without pre-packing
+    (memory="low") read the memory-mapped weights only as a call touches them, so their load figure says nothing
+    of what they hold: they are timed, not projected."""
     blocks = json.loads((out / "blocks.json").read_text())
-    timings = json.loads((out / "timings.json").read_text())
+    timings, runs = median_timings(out)
+    print(f"medians over {runs} runs of `time`, each figure the median of its run's calls; RSS less the "
+          "interpreter's before loading\n")
+    per_block(timings)
+    print()
     print("| precision | text | double block | single block | per step (19 + 38 + rest) | weights on disk | "
-          "RSS per graph byte | projected peak RSS (no interpreter) |\n|---|---|---|---|---|---|---|---|")
-    for precision, label, lean in VARIANTS:
+          "held per double / single block | projected peak RSS |\n|---|---|---|---|---|---|---|---|")
+    for precision, label, _ in (v for v in VARIANTS if not v[2]):  # memory="low" reads weights as it runs
         text = TEXT_TOKENS[label]
         counts = whole_model(text)
-        d, s = (timings[f"{kind} {variant(precision, lean)} {label}"] for kind in KINDS)
-        step = 19 * d["median_s"] + 38 * s["median_s"] + counts["rest_share"] * d["median_s"]
+        timed = [timings[f"{kind} {precision} {label}"] for kind in KINDS]
+        activations = [t["peak_rss"] - t["loaded_rss"] for t in timed]
+        held = [t["loaded_rss"] - t["baseline_rss"] for t in timed]
+        d, s = (t["median_s"] for t in timed)
+        step = 19 * d + 38 * s + counts["rest_share"] * d
         per_param = blocks["double"][precision]["bytes"] / blocks["double"]["parameters"]
         disk = (19 * blocks["double"][precision]["bytes"] + 38 * blocks["single"][precision]["bytes"]
                 + counts["rest"] * per_param)
-        # what a session holds per byte of graph (pre-packed copies, the fused graph), as the double block shows it
-        held = (d["loaded_rss"] - d["baseline_rss"]) / blocks["double"][precision]["bytes"]
-        activations = max(r["peak_rss"] - r["loaded_rss"] for r in (d, s))
-        print(f"| {variant(precision, lean)} | {label} {text} | {d['median_s']:.2f} s | {s['median_s']:.2f} s | "
-              f"{step:.0f} s | {_gb(disk)} | {held:.2f} x | {_gb(disk * held + activations)} |")
+        whole = 19 * held[0] + 38 * held[1] + counts["rest"] * held[0] / blocks["double"]["parameters"]
+        print(f"| {precision} | {label} {text} | {d:.2f} s | {s:.2f} s | {step:.0f} s | {_gb(disk)} | "
+              f"{_gb(held[0])} / {_gb(held[1])} | {_gb(whole + max(activations))} |")
     print(f"\nparameters: {json.dumps(whole_model(TEXT_TOKENS['dev']))}")
 
 
