@@ -214,7 +214,7 @@ def test_every_catalogued_name_is_accepted(tmp_path, option, catalogue):
     (("render", "x", "--schedule", "cosine"), "unknown schedule 'cosine'; choose one of discrete"),
     (("render", "x", "--noise", "philox"), "unknown noise source 'philox'; choose one of torch, numpy"),
     (("render", "x", "--memory", "tiny"), "unknown memory mode 'tiny'; choose one of normal, low"),
-    (("export", "src", "out", "--precision", "int4"), "unknown precision 'int4'; choose one of fp32, fp16, int8"),
+    (("export", "src", "out", "--precision", "int2"), "unknown precision 'int2'; choose one of fp32, fp16, int8, int4"),
     (("export", "src", "out", "--preset", "hyper"), "unknown preset 'hyper'"),
 ])
 def test_an_unknown_name_gets_one_line(tmp_path, args, message):

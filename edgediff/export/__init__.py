@@ -8,4 +8,6 @@ PRECISIONS: dict[str, str] = {
     "fp32": "float32 throughout, proven against PyTorch",
     "fp16": "half-precision weights with fp32 islands (normalisations, softmax where it overflows)",
     "int8": "QDQ U-Net and VAE decoder, calibrated on denoising trajectories (text encoder and VAE encoder stay fp32)",
+    "int4": "4-bit block-wise MatMul weights (int4 DequantizeLinear) for the transformer and T5 of SD3 / FLUX; the "
+    "rest fp32",
 }

@@ -63,12 +63,16 @@ def plan_components(encoders: tuple[TextEncoder, ...], flow_family: str | None =
     return {**text, **rest}
 
 
-def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=()) -> dict[str, str]:
+def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=(), t5: str | None = None
+                       ) -> dict[str, str]:
     """Which components a bundle precision converts, and to what; the rest (and `keep_fp32`) stay fp32.
 
     int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoders run once per render and
-    the VAE encoder only for img2img, so they keep fp32's accuracy."""
-    if precision == "int8":
+    the VAE encoder only for img2img, so they keep fp32's accuracy. int4 is for memory: the transformer and T5
+    (component `t5`) hold nearly all of SD3's and FLUX's weights, and their MatMuls are what it quantizes."""
+    if precision == "int4":
+        targets = {name: "int4" for name in ("transformer", t5 or "") if name in components}
+    elif precision == "int8":
         targets = {"transformer" if "transformer" in components else "unet": "int8", "vae_decoder": "int8"}
     elif precision == "fp16":
         targets = {name: "fp16" for name in components}
@@ -206,11 +210,14 @@ def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
     if flow is not None:  # what SD3 / FLUX bundles cannot do yet, before any work
         flow_families.refuse_options(flow.family, precision=asked.precision, loras=asked.loras,
                                      tiny_vae=asked.tiny_vae)
+    elif asked.precision == "int4":
+        raise SourceError(f"--precision int4: {ck.family} has no transformer; 4-bit weights are for SD3 / FLUX "
+                          "MatMuls (ONNX Runtime has no 4-bit convolution); use int8")
     encoders = ck.text_encoders(asked.clip_skip)
     plan = plan_components(encoders, flow.family if flow is not None else None)
     check_components(asked.loras, {"unet", *(e.component for e in encoders)})
     keep = kept_fp32(ck, asked.precision, asked.tiny_vae)
-    total = len(plan) + len(conversion_targets(asked.precision, plan, keep))
+    total = len(plan) + len(conversion_targets(asked.precision, plan, keep, flow.t5 if flow is not None else None))
 
     done = 0
 
@@ -344,7 +351,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
     """Convert the fp32 bundle in `tmp` to `precision`, component by component, each gated against fp32."""
     import torch
 
-    targets = conversion_targets(precision, manifest.components, keep)
+    targets = conversion_targets(precision, manifest.components, keep, ck.flow.t5 if ck.flow is not None else None)
     records = {}
     provenance = dataclasses.replace(manifest.provenance, precision=precision, kept_fp32=dict(keep))
     if precision == "int8":
@@ -378,6 +385,7 @@ def _convert(tmp, manifest, precision, ck, component_specs, gate_dims, calibrati
             parity=dataclasses.replace(parity, fp32_against_pytorch=c.parity),
             ort_options=options,
             conversion=details,
+            lora_map=None if target == "int4" else c.lora_map,  # no run-time LoRA onto 4-bit weights
         )
         gc.collect()
         proven(f"{name} {target}")

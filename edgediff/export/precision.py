@@ -80,6 +80,7 @@ def convert_component(
     Returns the files written, the ONNX Runtime options, the parity record, and what the manifest records about
     the conversion (fp32 islands; the quantization report's summary)."""
     from .quantize import WEIGHT_RANGE, quantize_int8
+    from .weights4 import quantize_int4
 
     names = [t.name for t in outputs]
     # Through the graph cache: the fp32 gate left this graph optimised there, and that is what the fp32 bundle runs.
@@ -92,6 +93,8 @@ def convert_component(
     elif precision == "int8":
         follower = Follower(path, WEIGHT_RANGE) if lora_map else None
         written, options, details = quantize_int8(path, calibration_feeds or [], phase, lora_map=follower)
+    elif precision == "int4":  # LoRA is refused for the transformer families, the only ones int4 is for
+        written, options, details = quantize_int4(path)
     else:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check = gate.Check(component, f"the {precision} graph", "fp32", gate.REDUCED_TOLERANCES[precision][component])

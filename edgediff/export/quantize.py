@@ -36,6 +36,8 @@ WEIGHT_RANGE = (-64, 64)
 # ONNX Runtime's CPU kernels run these fused QDQ graphs fastest at the "extended" level with weights pre-packed
 # (docs/int8.md).
 # "extended": the QDQ fusions; cached per machine, so that a load reads the fused graph (docs/loading.md)
+SCHEME = ("QDQ; activations uint8 symmetric (zero point 128), per tensor, MinMax over calibration trajectories; "
+          "weights int8 symmetric in 7 bits ([-64, 64]), per output channel")
 ORT_OPTIONS = SessionOptions(graph_optimization_level="extended", disable_prepacking=False, cache_optimized_graph=True)
 
 
@@ -180,7 +182,7 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]], phase: Phase |
         written.append(lora_map.write(model))
     if phase:
         phase(f"{path.parent.name} quantization", 1, 1)
-    report = layer_report(model, keep)
+    report = layer_report(model, keep, SCHEME)
     del model
     report_path = path.with_name(REPORT_NAME)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -193,8 +195,9 @@ def quantize_int8(path: Path, feeds: list[dict[str, np.ndarray]], phase: Phase |
     return [*written, report_path], ORT_OPTIONS, summary
 
 
-def layer_report(model: onnx.ModelProto, keep: dict[str, str]) -> dict:
-    """Which Conv / MatMul / Gemm nodes run on int8 weights, and which stayed float and why."""
+def layer_report(model: onnx.ModelProto, keep: dict[str, str], scheme: str) -> dict:
+    """Which Conv / MatMul / Gemm nodes run on quantized weights (int8, or 4-bit: weights4.py), and which stayed
+    float and why."""
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized, kept = [], []
     for n in model.graph.node:
@@ -205,8 +208,7 @@ def layer_report(model: onnx.ModelProto, keep: dict[str, str]) -> dict:
             continue
         kept.append({"node": n.name, "op": n.op_type, "reason": keep.get(n.name, "not quantized by onnxruntime")})
     return {
-        "scheme": "QDQ; activations uint8 symmetric (zero point 128), per tensor, MinMax over calibration "
-        "trajectories; weights int8 symmetric in 7 bits ([-64, 64]), per output channel",
+        "scheme": scheme,
         "quantized": quantized,
         "float": kept,
     }
