@@ -140,3 +140,23 @@ def test_a_failing_openvino_pipeline_is_one_line(tmp_path, monkeypatch):
             "width": 64, "height": 64, "batch": 1, "guidance": 0.0, "sampler": "euler"}
     with pytest.raises(EngineError, match=r"^openvino: RuntimeError: no model_index.json in .*missing$"):
         EngineProcess("openvino", spec, sys.executable)
+
+
+def test_cli_passes_the_openvino_options_to_the_harness(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import edgediff.bench
+    from edgediff.cli import main
+
+    seen = []
+
+    def fake_run_bench(bundles, settings, progress):
+        seen.append(settings)
+        return {"machine": {}, "peak": {"float32_gflops": 1.0, "threads": None}, "notes": [], "engines": []}
+
+    monkeypatch.setattr(edgediff.bench, "run_bench", fake_run_bench)
+    r = CliRunner().invoke(main, ["bench", str(BUILTIN_BUNDLE), "--compare", "openvino, openvino-int8",
+                                  "--openvino-python", str(tmp_path / "py"), "--openvino-model", str(tmp_path / "ov")])
+    assert r.exit_code == 0, r.output
+    assert seen[0].compare == ["openvino", "openvino-int8"]
+    assert (seen[0].openvino_python, seen[0].openvino_model) == (tmp_path / "py", tmp_path / "ov")
