@@ -50,6 +50,16 @@ def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float, si
     return inputs
 
 
+def copy_missing(fp32: Path, out: Path) -> None:
+    """The files the quantizer does not write (OpenVINO's tokenizer and detokenizer IRs, which Text2ImagePipeline
+    needs), unchanged from the fp32 export."""
+    for src in fp32.rglob("*"):
+        dst = out / src.relative_to(fp32)
+        if src.is_file() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("fp32", type=Path, help="optimum-intel's fp32 OpenVINO export")
@@ -79,6 +89,7 @@ def main() -> int:
         ov_config=OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(inputs))),
         save_directory=partial,
     )
+    copy_missing(args.fp32, partial)
     partial.rename(args.out)
     done = time.perf_counter()
     print(f"{args.out}: {len(inputs)} U-Net samples from {len(prompts)} prompts; calibration renders "

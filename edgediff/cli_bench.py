@@ -54,6 +54,7 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backend
     from .bench import Settings, run_bench
     from .bench.chart import draw_chart
     from .bench.choice import save_choice
+    from .bench.harness import EngineError
     from .bench.report import format_report
 
     settings = Settings(steps=steps, width=size[0], height=size[1], batches=batches, threads=threads, runs=runs,
@@ -61,7 +62,7 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backend
                         backends=backends,
                         optimum_python=optimum_python, optimum_model=optimum_model,
                         openvino_python=openvino_python, openvino_model=openvino_model)
-    with one_line_errors():
+    with one_line_errors(EngineError):  # an engine failing mid-run: its one line, not a traceback
         if choose and (len(bundles) != 1 or len(backends) < 2):
             raise click.UsageError("--choose compares backends on one bundle: give one BUNDLE and --backend "
                                    "cpu,openvino")
