@@ -23,10 +23,16 @@ if [ ! -x "$venv/bin/python" ]; then
     "$venv/bin/python" -m pip install -q torch==2.13.0 "torchvision==0.28.*" "optimum-intel[openvino]" openvino-genai diffusers
     "$venv/bin/python" -m pip uninstall -q -y torchvision
 fi
+# a checkpoint saved by a recent transformers is read through a view whose CLIP weights carry the prefix the
+# exporter's transformers expects (openvino_checkpoint.py); without it the text encoder would be random
+view=$src
+if [ ! -f "$out/fp32/model_index.json" ] || [ ! -f "$out/int8w/model_index.json" ]; then
+    view=$("$venv/bin/python" "$here/openvino_checkpoint.py" "$src" "$out/.checkpoint")
+fi
 ov_export() {  # into a .partial folder first, so that an interrupted export is never taken for a finished one
     [ -f "$out/$1/model_index.json" ] && return 0
     rm -rf "$out/$1.partial"
-    "$venv/bin/optimum-cli" export openvino --model "$src" --task text-to-image --weight-format "$2" "$out/$1.partial"
+    "$venv/bin/optimum-cli" export openvino --model "$view" --task text-to-image --weight-format "$2" "$out/$1.partial"
     mv "$out/$1.partial" "$out/$1"
 }
 ov_export fp32 fp32
@@ -34,4 +40,5 @@ ov_export int8w int8  # weights int8, activations float: the exporter's own int8
 if [ ! -f "$out/int8/model_index.json" ]; then
     "$venv/bin/python" "$here/openvino_quantize.py" "$out/fp32" "$out/int8"
 fi
+rm -rf "$out/.checkpoint"
 echo "$out"
