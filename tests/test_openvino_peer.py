@@ -88,7 +88,8 @@ def test_worker_drives_text2image_pipeline_with_static_shapes(fake_ov, tmp_path)
     assert args["set_scheduler"] == {"config": str(model / "scheduler" / "scheduler_config.json"),
                                      "type": "EULER_ANCESTRAL_DISCRETE"}
     assert args["reshape"] == {"shape": [1, 48, 64, 0.0]}
-    assert args["compile"] == {"device": "CPU", "properties": {"INFERENCE_NUM_THREADS": 2}}
+    assert args["compile"] == {"device": "CPU", "properties": {"INFERENCE_PRECISION_HINT": "f32",
+                                                                   "INFERENCE_NUM_THREADS": 2}}
     assert args["generate"] == {"prompt": "a cat", "seed": 7, "width": 64, "height": 48, "num_inference_steps": 3,
                                 "guidance_scale": 0.0, "num_images_per_prompt": 1}
     # milliseconds (text, VAE) and microseconds (steps) become seconds
@@ -111,7 +112,7 @@ def test_worker_without_threads_or_static_shapes_leaves_openvino_its_defaults(fa
             "width": 64, "height": 64, "batch": 1, "guidance": 0.0, "sampler": "dpmpp_2m"}  # no OpenVINO scheduler
     worker.load_openvino(spec)
     assert [name for name, _ in fake_ov.CALLS] == ["init", "compile"]
-    assert fake_ov.CALLS[1][1] == {"device": "CPU", "properties": {}}
+    assert fake_ov.CALLS[1][1] == {"device": "CPU", "properties": {"INFERENCE_PRECISION_HINT": "f32"}}
 
 
 def test_harness_runs_the_worker_in_its_process(tmp_path, monkeypatch):

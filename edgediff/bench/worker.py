@@ -155,7 +155,10 @@ def load_openvino(spec: dict):
     no edgediff import, so its venv needs no onnxruntime."""
     import openvino_genai as ov_genai
 
-    properties = {"INFERENCE_NUM_THREADS": spec["threads"]} if spec.get("threads") else {}
+    # f32 as edgediff computes (OpenVINO's CPU default is bf16 where the CPU has AMX or AVX-512 BF16)
+    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if spec.get("threads"):
+        properties["INFERENCE_NUM_THREADS"] = spec["threads"]
     compiled: dict[str, Any] = {}
 
     def pipeline(batch: int, height: int, width: int, guidance: float):
