@@ -161,3 +161,17 @@ def test_cli_passes_the_openvino_options_to_the_harness(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert seen[0].compare == ["openvino", "openvino-int8"]
     assert (seen[0].openvino_python, seen[0].openvino_model) == (tmp_path / "py", tmp_path / "ov")
+
+
+def test_an_engine_failing_mid_run_ends_the_bench_in_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edgediff.cli import main
+
+    monkeypatch.setenv("PYTHONPATH", str(FAKE))
+    monkeypatch.setenv("FAKE_OPENVINO_FAIL", "Exception from src/plugin.cpp:1:\nout of memory")
+    export(tmp_path / "ov", "fp32")
+    r = CliRunner().invoke(main, ["bench", str(BUILTIN_BUNDLE), "--compare", "openvino", "--runs", "1",
+                                  "--openvino-python", sys.executable, "--openvino-model", str(tmp_path / "ov")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.splitlines()[-1] == "error: openvino: RuntimeError: Exception from src/plugin.cpp:1:"

@@ -4,7 +4,8 @@ Its calls follow the documented Python API (2026.x): Text2ImagePipeline(models_p
 Scheduler.from_config(path, Scheduler.Type.X)), reshape(num_images_per_prompt, height, width, guidance_scale),
 compile(device, **properties), generate(prompt, **kwargs) and get_performance_metrics() (text encoders and VAE in
 milliseconds, raw per-step durations in microseconds). Like the real one, a pipeline reshaped to static shapes
-refuses a generate() of another shape, and reshape() after compile() fails. Every call is appended to CALLS and, where
+refuses a generate() of another shape, and reshape() after compile() fails; FAKE_OPENVINO_FAIL makes generate() fail
+with that message. Every call is appended to CALLS and, where
 FAKE_OPENVINO_LOG names a file, written there as a JSON line (for a worker in another process).
 """
 
@@ -79,6 +80,8 @@ class Text2ImagePipeline:
     def generate(self, prompt: str, **kwargs: Any) -> Any:
         if not self.compiled:
             raise RuntimeError("the pipeline is not compiled")
+        if os.environ.get("FAKE_OPENVINO_FAIL"):
+            raise RuntimeError(os.environ["FAKE_OPENVINO_FAIL"])
         shape = (kwargs["num_images_per_prompt"], kwargs["height"], kwargs["width"], kwargs["guidance_scale"])
         if self.shape is not None and shape != self.shape:
             raise RuntimeError(f"generate {shape} on a pipeline reshaped to {self.shape}")
