@@ -23,10 +23,12 @@ from ..runtime.graph_cache import cpu_features
 from ..runtime.plan import uses_cfg
 from . import worker
 from .flops import count_flops
+from .openvino_peer import DEFAULT_OPENVINO_PYTHON, OPENVINO_PEERS, openvino_spec
 from .peak import measure_peak
 
-# diffusers: PyTorch fp32 on the CPU; diffusers-cuda: PyTorch fp16 on the GPU (the peer of the GPU backends)
-PEERS = ("diffusers", "diffusers-cuda", "optimum")
+# diffusers: PyTorch fp32 on the CPU; diffusers-cuda: PyTorch fp16 on the GPU (the peer of the GPU backends);
+# openvino*: OpenVINO GenAI, fp32 and its two int8 modes (openvino_peer.py)
+PEERS = ("diffusers", "diffusers-cuda", "optimum", *OPENVINO_PEERS)
 DEFAULT_OPTIMUM_PYTHON = Path("benchmarks/.venv-optimum/bin/python")
 STAGES = ("text", "unet", "vae_decoder", "other", "total")
 
@@ -46,6 +48,8 @@ class Settings:
     prompt: str = "a photograph of an astronaut riding a horse"
     optimum_python: Path = DEFAULT_OPTIMUM_PYTHON
     optimum_model: Path | None = None
+    openvino_python: Path = DEFAULT_OPENVINO_PYTHON
+    openvino_model: Path | None = None  # the folder of OpenVINO exports, one sub-folder per variant
 
 
 class EngineError(RuntimeError):
@@ -169,6 +173,10 @@ def _engine_specs(bundles: list[Path], s: Settings, notes: list[str]) -> list[tu
     for peer in s.compare:
         if peer not in PEERS:
             notes.append(f"{peer}: unknown peer; choose from {', '.join(PEERS)}")
+        elif peer in OPENVINO_PEERS:
+            spec = openvino_spec(peer, bundles[0], manifest, s, notes)
+            if spec is not None:
+                specs.append((peer, spec, str(s.openvino_python)))
         elif peer.startswith("diffusers"):
             if not (source / "model_index.json").is_file():
                 notes.append(f"{peer}: the bundle's source checkpoint {source} is not here; skipped")
@@ -241,8 +249,8 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
     for note in notes:
         progress(note)
     progress("measuring the machine's peak")
-    record: dict[str, Any] = {"machine": machine(), "settings": {**asdict(s), "optimum_python": str(s.optimum_python),
-              "optimum_model": str(s.optimum_model) if s.optimum_model else None},
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
+    record: dict[str, Any] = {"machine": machine(), "settings": settings,
               "peak": measure_peak(s.threads), "notes": notes, "engines": []}
     engines: list[EngineProcess] = []
     try:

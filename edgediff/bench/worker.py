@@ -12,6 +12,7 @@ Failures print {"error": "one line"} and exit 1.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -142,6 +143,65 @@ def load_optimum(spec: dict):
     return _peer_call(pipe, clock, spec), versions
 
 
+# edgediff's sampler names -> OpenVINO GenAI's scheduler types (each built from the export's scheduler config, so
+# the timestep spacing is the checkpoint's own)
+OPENVINO_SCHEDULERS = {"euler": "EULER_DISCRETE", "euler_a": "EULER_ANCESTRAL_DISCRETE", "lcm": "LCM", "ddim": "DDIM",
+                       "flow_euler": "FLOW_MATCH_EULER_DISCRETE"}
+
+
+def load_openvino(spec: dict):
+    """OpenVINO GenAI's Text2ImagePipeline on optimum-intel's export, compiled for the CPU with static shapes (spec
+    "static"), as OpenVINO's samples and FastSD run it. Its stage times are its own performance metrics; it needs
+    no edgediff import, so its venv needs no onnxruntime."""
+    import openvino_genai as ov_genai
+
+    # f32 as edgediff computes (OpenVINO's CPU default is bf16 where the CPU has AMX or AVX-512 BF16)
+    properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if spec.get("threads"):
+        properties["INFERENCE_NUM_THREADS"] = spec["threads"]
+    compiled: dict[str, Any] = {}
+
+    def pipeline(batch: int, height: int, width: int, guidance: float):
+        key = (batch, height, width, guidance)
+        if compiled.get("key") != key:  # static shapes are compiled in: a new configuration compiles again
+            compiled.clear()
+            pipe = ov_genai.Text2ImagePipeline(spec["model"])
+            kind = OPENVINO_SCHEDULERS.get(spec["sampler"])
+            if kind is not None:
+                config = os.path.join(spec["model"], "scheduler", "scheduler_config.json")
+                pipe.set_scheduler(ov_genai.Scheduler.from_config(config, getattr(ov_genai.Scheduler.Type, kind)))
+            if spec.get("static"):
+                pipe.reshape(batch, height, width, guidance)
+            pipe.compile("CPU", **properties)
+            compiled.update(key=key, pipe=pipe)
+        return compiled["pipe"]
+
+    pipeline(spec["batch"], spec["height"], spec["width"], spec["guidance"])
+
+    def render(req):
+        pipe = pipeline(req["batch"], req["height"], req["width"], req["guidance"])
+        start = time.perf_counter()
+        pipe.generate(req["prompt"], width=req["width"], height=req["height"], num_inference_steps=req["steps"],
+                      guidance_scale=req["guidance"], num_images_per_prompt=req["batch"],
+                      generator=ov_genai.TorchGenerator(req["seed"]))  # torch's CPU noise, as the other engines
+        total = time.perf_counter() - start
+        return {**openvino_stage_times(pipe.get_performance_metrics()), "total": total}
+
+    import openvino
+
+    return render, {"openvino_genai": ov_genai.__version__, "openvino": openvino.__version__,
+                    "variant": os.path.basename(os.path.normpath(spec["model"]))}
+
+
+def openvino_stage_times(metrics) -> dict[str, Any]:
+    """One generate()'s stage times in seconds from OpenVINO GenAI's metrics: the text encoders and the VAE decode
+    (milliseconds), each denoising step (raw, microseconds; the U-Net's, or SD3's / FLUX's transformer's)."""
+    raw = metrics.raw_metrics
+    steps = list(raw.unet_inference_durations) or list(raw.transformer_inference_durations)
+    return {"text_encoder": sum(metrics.get_text_encoder_infer_duration().values()) / 1e3,
+            "steps": [d / 1e6 for d in steps], "vae_decoder": metrics.get_vae_decoder_infer_duration() / 1e3}
+
+
 def _stage_timer():
     # imported only once the engine is known (see the module's docstring); harness.py puts edgediff on the path
     from edgediff.runtime.timing import StageTimer
@@ -149,7 +209,7 @@ def _stage_timer():
     return StageTimer()
 
 
-ENGINES = {"edgediff": load_edgediff, "diffusers": load_diffusers, "optimum": load_optimum}
+ENGINES = {"edgediff": load_edgediff, "diffusers": load_diffusers, "optimum": load_optimum, "openvino": load_openvino}
 
 
 def emit(message: dict) -> None:
