@@ -59,3 +59,15 @@ def test_without_openvino_the_backend_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     with pytest.raises(BackendError, match=r"pip install 'edgediff\[openvino\]'"):
         Pipeline.load(None, backend="openvino")
+
+
+def test_each_call_runs_a_graph_compiled_for_its_shapes(bundle):
+    """Static shapes per call (OpenVINO plans them better than dynamic axes): a new size or batch compiles again,
+    renders still equal ONNX Runtime's, and the session holds one compiled graph at a time."""
+    root = bundle("sd1")
+    cpu, ov = Pipeline.load(root), Pipeline.load(root, backend="openvino")
+    for size in (dict(height=32, width=48), dict(height=48, width=32, num_images_per_prompt=2),
+                 dict(height=32, width=48)):
+        np.testing.assert_allclose(render(ov, **size), render(cpu, **size), atol=PIXEL_TOLERANCE)
+    unet = ov.session("unet")
+    assert unet._shapes is not None and (2, 4, 4, 6) in unet._shapes  # the last call's (CFG: batch 2), alone
