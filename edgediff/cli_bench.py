@@ -42,12 +42,14 @@ from .runtime.pipeline import MEMORY_MODES
 @click.option("--openvino-model", type=click.Path(path_type=Path), help="The folder of OpenVINO exports of the same "
               "checkpoint (fp32/, int8w/, int8/; benchmarks/setup_openvino.sh) [default: CHECKPOINT-openvino beside "
               "the first bundle, CHECKPOINT the bundle's source checkpoint's name].")
+@click.option("--one-at-a-time", is_flag=True, help="Load, measure and close each engine before the next (models of "
+              "which two engines do not fit in memory); runs are then not interleaved.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full record as JSON.")
 @click.option("--chart", type=click.Path(path_type=Path), help="Draw a PNG chart of the stage times.")
 @click.option("--choose", is_flag=True, help="With one bundle and several CPU backends (--backend cpu,openvino): "
               "write this machine's choice of the fastest backend per component, which --backend auto then uses.")
 def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backends, memory, optimum_python,
-          optimum_model, openvino_python, openvino_model, json_path, chart, choose):
+          optimum_model, openvino_python, openvino_model, one_at_a_time, json_path, chart, choose):
     """Time every stage of BUNDLES (several: side by side, e.g. fp32 and int8), optionally against diffusers and
     Optimum and OpenVINO GenAI on the same checkpoint, each engine in its own process, interleaved run by run."""
     from .atomic import atomic_file
@@ -61,7 +63,8 @@ def bench(bundles, steps, size, batches, threads, runs, warmup, compare, backend
                         warmup=warmup, compare=[c.strip() for c in compare.split(",") if c.strip()], memory=memory,
                         backends=backends,
                         optimum_python=optimum_python, optimum_model=optimum_model,
-                        openvino_python=openvino_python, openvino_model=openvino_model)
+                        openvino_python=openvino_python, openvino_model=openvino_model,
+                        one_at_a_time=one_at_a_time)
     with one_line_errors(EngineError):  # an engine failing mid-run: its one line, not a traceback
         if choose and (len(bundles) != 1 or len(backends) < 2):
             raise click.UsageError("--choose compares backends on one bundle: give one BUNDLE and --backend "

@@ -84,3 +84,33 @@ def test_the_peak_probes_use_constant_weights_as_a_model_does():
     np.testing.assert_array_equal(session.run(None, {"a": a})[0], 2 * weights.astype(np.int32))
     measured = peak_child.int8_gops(64, runs=1, threads=1)
     assert measured["gops"] > 0
+
+
+def test_one_at_a_time_never_holds_two_engines(bundle, monkeypatch):
+    """--one-at-a-time (models of which two engines do not fit in memory): each engine is loaded, measured and
+    closed before the next is started, and the record says its runs are not interleaved."""
+    from edgediff.bench import harness
+
+    alive, most = set(), []
+
+    class FakeEngine:
+        def __init__(self, label, spec, python):
+            self.label, self.spec = label, spec
+            self.load_s, self.versions, self.peak_rss_bytes = 0.1, {}, 1
+            alive.add(label)
+            most.append(len(alive))
+
+        def render(self, request):
+            return {"total": 1.0, "text": 0.1, "unet": 0.5, "vae_decoder": 0.3, "steps": [0.5] * request["steps"]}
+
+        def close(self):
+            alive.discard(self.label)
+
+    monkeypatch.setattr(harness, "EngineProcess", FakeEngine)
+    monkeypatch.setattr(harness, "measure_peak", lambda threads: {"float32_gflops": 1.0, "int8_gops": 1.0})
+    root = bundle("sd1")
+    settings = harness.Settings(width=32, height=32, runs=2, backends=["cpu", "openvino"], one_at_a_time=True)
+    record = harness.run_bench([root], settings)
+    assert max(most) == 1 and not alive
+    assert [len(e["configs"][0]["runs"]) for e in record["engines"]] == [2, 2]
+    assert any("not interleaved" in note for note in record["notes"])

@@ -50,6 +50,7 @@ class Settings:
     optimum_model: Path | None = None
     openvino_python: Path = DEFAULT_OPENVINO_PYTHON
     openvino_model: Path | None = None  # the folder of OpenVINO exports, one sub-folder per variant
+    one_at_a_time: bool = False  # each engine loaded, measured and closed before the next (big models)
 
 
 class EngineError(RuntimeError):
@@ -246,64 +247,72 @@ def run_bench(bundles: list[Path], s: Settings, progress: Callable[[str], None] 
     cfg = uses_cfg(manifest, guidance)
     notes: list[str] = []
     specs = _engine_specs(bundles, s, notes)
+    if s.one_at_a_time:
+        notes.append("one engine resident at a time: the runs of different engines are not interleaved")
     for note in notes:
         progress(note)
     progress("measuring the machine's peak")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
     record: dict[str, Any] = {"machine": machine(), "settings": settings,
               "peak": measure_peak(s.threads), "notes": notes, "engines": []}
-    engines: list[EngineProcess] = []
-    try:
-        for label, spec, python in specs:
-            progress(f"loading {label}")
-            try:
-                engines.append(EngineProcess(label, {**spec, "sampler": manifest.defaults.sampler}, python))
-            except EngineError as err:
-                notes.append(f"{err}; skipped")
-                progress(notes[-1])
-        results: dict[str, dict[str, Any]] = {e.label: {"configs": []} for e in engines}
-        first = True
-        for steps in s.steps:
-            for batch in s.batches:
-                request = {
-                    "prompt": s.prompt,
-                    "steps": steps,
-                    "guidance": guidance,
-                    "sampler": manifest.defaults.sampler,
-                    "height": s.height,
-                    "width": s.width,
-                    "batch": batch,
-                    "seed": 0,
-                }
-                for e in engines:
-                    progress(f"{e.label}: warm-up, {steps} steps, batch {batch}")
-                    cold = e.render(request)
-                    if first:
-                        results[e.label]["cold_s"] = cold["total"]
-                    for _ in range(s.warmup - 1):
-                        e.render(request)
-                first = False
-                runs: dict[str, list[dict[str, float]]] = {e.label: [] for e in engines}
-                for r in range(s.runs):
-                    for e in engines:
-                        progress(f"{e.label}: run {r + 1}/{s.runs}, {steps} steps, batch {batch}")
-                        runs[e.label].append(e.render({**request, "seed": r}))
-                for e in engines:
-                    results[e.label]["configs"].append(
-                        {"steps": steps, "batch": batch, "runs": runs[e.label], **summarize(runs[e.label], batch)}
-                    )
-        for e in engines:
-            entry = {"label": e.label, "engine": e.spec["engine"], "model": e.spec["model"],
-                     "backend": e.spec.get("backend"), "load_s": e.load_s,
-                     "peak_rss_bytes": e.peak_rss_bytes, "versions": e.versions, **results[e.label]}
-            if e.spec["engine"] == "edgediff" and e.spec["backend"] == "cpu":  # the peak measured is the CPU's
-                _add_limits(entry, Path(e.spec["model"]), s, cfg, record["peak"])
-            record["engines"].append(entry)
-    finally:
-        for e in engines:
-            e.close()
+    requests = [{"prompt": s.prompt, "steps": steps, "guidance": guidance, "sampler": manifest.defaults.sampler,
+                 "height": s.height, "width": s.width, "batch": batch, "seed": 0}
+                for steps in s.steps for batch in s.batches]
+    # interleaved: every engine loaded at once, run by run; one at a time where two engines do not fit in memory
+    groups = [specs] if not s.one_at_a_time else [[spec] for spec in specs]
+    for group in groups:
+        engines = _start(group, manifest.defaults.sampler, notes, progress)
+        try:
+            results = _measure(engines, requests, s, progress)
+            for e in engines:
+                entry = {"label": e.label, "engine": e.spec["engine"], "model": e.spec["model"],
+                         "backend": e.spec.get("backend"), "load_s": e.load_s,
+                         "peak_rss_bytes": e.peak_rss_bytes, "versions": e.versions, **results[e.label]}
+                if e.spec["engine"] == "edgediff" and e.spec["backend"] == "cpu":  # the peak measured is the CPU's
+                    _add_limits(entry, Path(e.spec["model"]), s, cfg, record["peak"])
+                record["engines"].append(entry)
+        finally:
+            for e in engines:
+                e.close()
     _add_ratios(record)
     return record
+
+
+def _start(specs: list[tuple[str, dict, str]], sampler: str, notes: list[str],
+           progress: Callable[[str], None]) -> list[EngineProcess]:
+    engines = []
+    for label, spec, python in specs:
+        progress(f"loading {label}")
+        try:
+            engines.append(EngineProcess(label, {**spec, "sampler": sampler}, python))
+        except EngineError as err:
+            notes.append(f"{err}; skipped")
+            progress(notes[-1])
+    return engines
+
+
+def _measure(engines: list[EngineProcess], requests: list[dict], s: Settings,
+             progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Warm-up renders, then `s.runs` measured ones per request, engine after engine within each run."""
+    results: dict[str, dict[str, Any]] = {e.label: {"configs": []} for e in engines}
+    for i, request in enumerate(requests):
+        steps, batch = request["steps"], request["batch"]
+        for e in engines:
+            progress(f"{e.label}: warm-up, {steps} steps, batch {batch}")
+            cold = e.render(request)
+            if i == 0:
+                results[e.label]["cold_s"] = cold["total"]
+            for _ in range(s.warmup - 1):
+                e.render(request)
+        runs: dict[str, list[dict[str, float]]] = {e.label: [] for e in engines}
+        for r in range(s.runs):
+            for e in engines:
+                progress(f"{e.label}: run {r + 1}/{s.runs}, {steps} steps, batch {batch}")
+                runs[e.label].append(e.render({**request, "seed": r}))
+        for e in engines:
+            results[e.label]["configs"].append(
+                {"steps": steps, "batch": batch, "runs": runs[e.label], **summarize(runs[e.label], batch)})
+    return results
 
 
 def _add_limits(entry: dict, bundle: Path, s: Settings, cfg: bool, peak: dict) -> None:
