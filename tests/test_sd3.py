@@ -146,3 +146,14 @@ def test_clip_skip_takes_the_layer_diffusers_takes(checkpoint, tmp_path):
     # diffusers skips layers for the prompt only (its negatives take the default layer): compared without CFG
     assert_same_image(Pipeline.load(out), reference("StableDiffusion3Pipeline", checkpoint("sd3")), PROMPTS[0],
                       guidance_scale=0.0, num_inference_steps=2, ref_kw={"clip_skip": 1})
+
+
+def test_the_bench_peer_loads_sd3_without_t5(checkpoint):
+    """diffusers' from_pretrained does not pass a component that model_index.json lists as null (SD3 without T5):
+    the bench's diffusers worker passes it as None, and the pipeline renders."""
+    from edgediff.bench.worker import load_diffusers
+
+    render, versions = load_diffusers({"model": str(checkpoint("sd3_no_t5")), "threads": 1, "sampler": "flow_euler"})
+    timed = render({"prompt": "a red cat", "steps": 1, "guidance": 7.0, "height": 32, "width": 32, "batch": 1,
+                    "seed": 0})
+    assert timed["total"] > 0 and "diffusers" in versions

@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -90,7 +91,11 @@ def load_diffusers(spec: dict):
         raise RuntimeError(f"torch {torch.__version__} sees no CUDA GPU")
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    pipe = diffusers.DiffusionPipeline.from_pretrained(spec["model"],
+    # components the checkpoint leaves out (SD3 without T5: text_encoder_3 null in model_index.json) are passed
+    # as None, as diffusers' own from_pretrained does not
+    index = json.loads((Path(spec["model"]) / "model_index.json").read_text())
+    absent = {name: None for name, entry in index.items() if entry == [None, None]}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(spec["model"], **absent,
                                                        torch_dtype=torch.float16 if cuda else torch.float32)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
