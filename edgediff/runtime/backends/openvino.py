@@ -74,7 +74,7 @@ class OpenVinoSession(SessionBase):
         if shapes == self._shapes:
             return
         self._request = None  # the previous shape's compiled graph goes before the next is built
-        self._model.reshape({name: list(v.shape) for name, v in feeds.items()})
+        self._openvino_call("reshape", lambda: self._model.reshape({n: list(v.shape) for n, v in feeds.items()}))
         compiled = self._openvino_call("compile", lambda: self._core.compile_model(self._model, "CPU",
                                                                                     self._config))
         self._request = compiled.create_infer_request()
