@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from make_checkpoints import CLIP_TOKENIZER
+from make_checkpoints import CLIP_TOKENIZER, SDXL_TURBO
 
 # stabilityai/stable-diffusion-3.5-medium: the MMDiT-X (24 joint blocks, 24 heads x 64, dual attention in blocks
 # 0-12, RMS qk-norm; 2.24 B parameters counted from this config, "2.5 B" in Stability's announcement), CLIP-L and
@@ -32,16 +32,9 @@ SD35_MEDIUM = {
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
     ),
-    "text_encoder": dict(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    ),
-    "text_encoder_2": dict(
-        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    ),
+    # the same CLIP-L and OpenCLIP-bigG as SDXL's
+    "text_encoder": SDXL_TURBO["text_encoder"],
+    "text_encoder_2": SDXL_TURBO["text_encoder_2"],
     "vae": dict(
         in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, norm_num_groups=32, sample_size=1024,
         block_out_channels=(128, 256, 512, 512),
