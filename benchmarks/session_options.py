@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("component")
     p.add_argument("--level", choices=["disabled", "basic", "extended", "all"], default="all")
     p.add_argument("--prepack", choices=["on", "off"], default="on")
-    p.add_argument("--lean", action="store_true", help="no memory arena, no memory pattern (memory='low')")
+    p.add_argument("--lean", action="store_true", help="memory='low' sessions' options (no pre-planned block)")
+    p.add_argument("--arena", choices=["on", "off"], default="on",
+                   help="ONNX Runtime's CPU memory arena (memory='low' turned it off before session 7)")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--graph", type=Path, help="run this graph file instead of the component's (same inputs)")
     p.add_argument("--cached", action="store_true",
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
     component = read_manifest(args.bundle).components[args.component]
     chosen = SessionOptions(graph_optimization_level=args.level, disable_prepacking=args.prepack == "off")
     options = session_options(ort, chosen, threads=None, lean=args.lean)
+    options.enable_cpu_mem_arena = args.arena == "on"
     if args.profile:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "edgediff-session-profile")
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     op_types = profile_by_op_type(Path(session.end_profiling()), args.profile) if args.profile else None
     print(json.dumps({
         "component": args.component, "graph": path, "level": args.level, "prepack": args.prepack,
-        "lean": args.lean, "cached": args.cached,
+        "lean": args.lean, "arena": args.arena, "cached": args.cached,
         "load_s": load_wall, "load_cpu_s": load_cpu, "rss_after_load_bytes": rss_after_load,
         "runs_s": [r[0] for r in runs], "runs_cpu_s": [r[1] for r in runs],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -115,26 +115,37 @@ def test_export_warms_the_cache_of_large_convolutional_graphs(checkpoint, tmp_pa
 
 def test_the_cache_keeps_the_pre_packed_weights_for_the_next_load(bundle_copy):
     """A session that pre-packs saves the packed copies with the graph (the next load maps them instead of packing);
-    a memory="low" session, which packs nothing, reads that cache as it is."""
+    a session that packs nothing (a graph whose manifest says so) reads that cache as it is."""
     root = bundle_copy("sd1")
     c = read_manifest(root).components["unet"]
 
-    def cache_made(lean):
+    def cache_made(packing):
         shutil.rmtree(root / "unet" / graph_cache.CACHE_FOLDER, ignore_errors=True)
-        options = session_options(ort, SessionOptions("all"), threads=None, lean=lean)
+        options = session_options(ort, SessionOptions("all", disable_prepacking=not packing), threads=None, lean=False)
         session = graph_cache.open_session(ort, root / c.file, c.files, options, CPU, cache=True)
         (cached,) = _cached(root)
         return session, cached.with_name("model.onnx.data").stat().st_size
 
-    packing, with_packs = cache_made(lean=False)
-    _, without_packs = cache_made(lean=True)
+    packing, with_packs = cache_made(packing=True)
+    _, without_packs = cache_made(packing=False)
     assert with_packs > without_packs * 1.1
     expected = packing.run(None, feeds := _feeds(packing))[0]
-    cache_made(lean=False)
-    lean_reader = graph_cache.open_session(ort, root / c.file, c.files,
-                                           session_options(ort, SessionOptions("all"), threads=None, lean=True),
-                                           CPU, cache=True)
-    np.testing.assert_allclose(lean_reader.run(None, feeds)[0], expected, rtol=1e-5, atol=1e-5)
+    cache_made(packing=True)
+    unpacked = SessionOptions("all", disable_prepacking=True)
+    reader = graph_cache.open_session(ort, root / c.file, c.files,
+                                      session_options(ort, unpacked, threads=None, lean=False), CPU, cache=True)
+    np.testing.assert_allclose(reader.run(None, feeds)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_low_memory_sessions_drop_the_planned_block_and_keep_the_arena_and_packing():
+    """memory="low" (lean) sessions: no pre-planned activation block (it holds a call's activations all at once);
+    the arena and pre-packing stay, as both lower the peak (without them the int8 VAE decoder's stage peaked at
+    1.6-1.9 GB against 1.2 GB, and ran 2-4x slower: docs/loading.md)."""
+    lean = session_options(ort, SessionOptions("all"), threads=None, lean=True)
+    assert not lean.enable_mem_pattern and lean.enable_cpu_mem_arena
+    assert graph_cache._prepacking(lean)
+    normal = session_options(ort, SessionOptions("all"), threads=None, lean=False)
+    assert normal.enable_mem_pattern and normal.enable_cpu_mem_arena
 
 
 def test_graphs_with_a_data_file_of_their_own_are_cached():

@@ -23,6 +23,7 @@ from . import gate
 from . import lora_map as lora_maps
 from .gate import Check, Tolerance
 from .specs import ComponentSpec
+from .upsample import fold_upsampling_convs
 
 DEFAULT_OPSET = 17
 # Weights past this size go to one external-data file beside the graph (past 2 GiB protobuf leaves no choice).
@@ -86,6 +87,7 @@ def export_component(
         # into the bundle's data file, so a 10 GB SDXL U-Net is never held twice next to its torch module.
         model = onnx.load(str(traced), load_external_data=False)
         pending = lora_maps.match(module, model, Path(scratch)) if lora_map else None
+        fold_upsampling_convs(model, Path(scratch), keep=pending.external() if pending else ())
         written, weights = save_graph(model, path, source=Path(scratch),
                                       external=pending.external() if pending else (), consume=True)
         if pending is not None:

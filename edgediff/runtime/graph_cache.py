@@ -11,7 +11,7 @@ Before ONNX Runtime optimises it, a CPU session's graph gets fused attention (ba
 cached graph holds that too and the key says which rewrite made it. Where the session that makes the cache
 pre-packs its weights, the cache keeps the packed copies too (keys end in `-pp1`), so a later load maps them
 instead of re-packing: most of a large graph's load time (docs/loading.md). A session without pre-packing
-(memory="low") reads the same cache and ignores them; one that made the cache leaves them out, and sessions that
+(its manifest says so) reads the same cache and ignores them; one that made the cache leaves them out, and sessions that
 pre-pack then pack at load, as without a cache.
 
 Where: `<component>/.ort-optimized/<key>/` inside the bundle, so that the export can warm it and a copied bundle

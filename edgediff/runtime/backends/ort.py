@@ -171,13 +171,14 @@ def session_options(ort: Any, chosen: SessionOptions, threads: int | None, lean:
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
-    if chosen.disable_prepacking or lean:
-        # Pre-packing copies every GEMM weight into the kernel's layout at load: seconds, and a second copy of
-        # memory-mapped weights (1.2 GB for the SD U-Net); it pays back in speed only when memory is no object.
+    if chosen.disable_prepacking:
         options.add_session_config_entry(graph_cache.DISABLE_PREPACKING, "1")
     if threads:
         options.intra_op_num_threads = threads
     if lean:
-        options.enable_cpu_mem_arena = False
+        # The pre-planned block holds every activation of a call at once. The arena stays, and so does pre-packing:
+        # both lower the peak (docs/loading.md: without the arena each large activation is a fresh mapping, paged
+        # in and zeroed, and the int8 convolutions repack at every call), and the arena is the session's own, freed
+        # when memory="low" closes the session after its stage.
         options.enable_mem_pattern = False
     return options
