@@ -32,7 +32,8 @@ fi
 ov_export() {  # into a .partial folder first, so that an interrupted export is never taken for a finished one
     [ -f "$out/$1/model_index.json" ] && return 0
     rm -rf "$out/$1.partial"
-    "$venv/bin/optimum-cli" export openvino --model "$view" --task text-to-image --weight-format "$2" "$out/$1.partial"
+    # the module, not the optimum-cli script: a script's first line names the venv's path when it was made
+    "$venv/bin/python" -m optimum.commands.optimum_cli export openvino --model "$view" --task text-to-image --weight-format "$2" "$out/$1.partial"
     mv "$out/$1.partial" "$out/$1"
 }
 ov_export fp32 fp32

@@ -17,9 +17,9 @@ memory="normal" keeps every session loaded, so the stages' weights add up while 
 activations are live at once; memory="low" loads one component per stage, so only the largest single stage counts.
 The constants come from SD's architecture (below), rounded up. SD 1.5 fp32 with CFG, nothing loaded yet,
 estimates 4.9 GiB at 512x512 and 20.2 GiB at 1024x1024 (tests/bad_input/test_render_inputs.py holds both under a
-24 GB machine); SD-Turbo 512x512 with memory="low" estimates 3.8 GiB against a measured 4.8 GB peak RSS, the
-difference being the process's own baseline, which MemAvailable already excludes. The aim is refusing what cannot
-possibly fit (a 100000x100000 render needs exabytes), not predicting a peak to the megabyte.
+24 GB machine); SD-Turbo 512x512 with memory="low" estimates 3.8 GiB against a measured 3.65 GB peak RSS (4.8 GB
+before low-memory sessions kept their arena, docs/loading.md), the process's own baseline included. The aim is
+refusing what cannot possibly fit (a 100000x100000 render needs exabytes), not predicting a peak to the megabyte.
 """
 
 from __future__ import annotations
