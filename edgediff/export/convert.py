@@ -208,8 +208,7 @@ def _load_tiny_vae(folder, ck: Checkpoint):
 def _export(ck: Checkpoint, asked: ExportOptions) -> Manifest:
     flow = ck.flow
     if flow is not None:  # what SD3 / FLUX bundles cannot do yet, before any work
-        flow_families.refuse_options(flow.family, precision=asked.precision, loras=asked.loras,
-                                     tiny_vae=asked.tiny_vae)
+        flow_families.refuse_options(flow.family, loras=asked.loras, tiny_vae=asked.tiny_vae)
     elif asked.precision == "int4":
         raise SourceError(f"--precision int4: {ck.family} has no transformer; 4-bit weights are for SD3 / FLUX "
                           "MatMuls (ONNX Runtime has no 4-bit convolution); use int8")

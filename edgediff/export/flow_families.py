@@ -154,11 +154,8 @@ def _tokenizer_of(component: str) -> str:
     return component.replace("text_encoder", "tokenizer")
 
 
-def refuse_options(family: str, *, precision: str, loras: tuple, tiny_vae: object) -> None:
+def refuse_options(family: str, *, loras: tuple, tiny_vae: object) -> None:
     """What this edgediff does not yet do for SD3 / FLUX bundles: one line each, before any export work."""
-    if precision == "fp16":
-        raise _error(f"--precision fp16: not yet for {family} bundles (T5 and the transformer's norms need fp32 "
-                     "islands not yet chosen); fp32 or int8")
     if loras:
         raise _error(f"--lora: not yet for {family} bundles (LoRA fusion covers U-Net families only)")
     if tiny_vae is not None:
