@@ -18,10 +18,11 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..bundle import Conversion, SessionOptions
-from .onnx import default_ort_options, save_graph
+from .onnx import DATA_SUFFIX, default_ort_options, save_graph
 from .quantize import REPORT_NAME, _quiet, float_layers, layer_report
 
 # Rows of the weight (the MatMul's K axis) sharing one scale: onnxruntime's default. On FLUX.1's full-width blocks
@@ -50,7 +51,9 @@ def quantize_int4(path: Path, block_size: int | None = None) -> tuple[list[Path]
     model = onnx.load(str(path), load_external_data=False)
     keep = float_layers(model)
     model = version_converter.convert_version(model, OPSET)
-    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    # The fp32 weights are never loaded whole (SD3.5 Medium's 9 GB beside the export's other work did not fit
+    # 24 GB): each is read from its file as the quantizer reaches it, and what stays float is copied in chunks.
+    fp32_data = _set_aside(model, path)
     gemms_as_matmuls(model, keep)
     config = DefaultWeightOnlyQuantConfig(block_size=block_size or BLOCK_SIZE, is_symmetric=True,
                                           quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
@@ -59,7 +62,11 @@ def quantize_int4(path: Path, block_size: int | None = None) -> tuple[list[Path]
         quantizer.process()
     model = quantizer.model.model
     del quantizer
-    written, weights = save_graph(model, path)
+    if fp32_data is not None:  # what stayed float is copied from the set-aside file (onnx reads relative paths only)
+        _point_at(model, fp32_data.name)
+    written, weights = save_graph(model, path, source=path.parent)
+    if fp32_data is not None:
+        fp32_data.unlink()
     report = layer_report(model, keep, SCHEME)
     del model
     report_path = path.with_name(REPORT_NAME)
@@ -69,6 +76,39 @@ def quantize_int4(path: Path, block_size: int | None = None) -> tuple[list[Path]
     summary = Conversion(report=report_path.name, scheme=SCHEME, quantized_layers=len(report["quantized"]),
                          float_layers=len(report["float"]))
     return [*written, report_path], options, summary
+
+
+def _set_aside(model: onnx.ModelProto, path: Path) -> Path | None:
+    """Move the graph's data file aside (save_graph writes the new one under its name) and point the external
+    tensors at it by its absolute path, which the quantizer (onnx_ir) memory-maps tensor by tensor."""
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return None
+    data = path.with_name(path.name + DATA_SUFFIX)
+    aside = data.with_name(".fp32-" + data.name)
+    data.rename(aside)
+    _point_at(model, str(aside.resolve()))
+    return aside
+
+
+def _point_at(model: onnx.ModelProto, location: str) -> None:
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's values, read from its external file (by absolute path: _set_aside) where it has one."""
+    from onnx import numpy_helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims))
+    return np.fromfile(info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0))).reshape(
+        tuple(tensor.dims))
 
 
 def gemms_as_matmuls(model: onnx.ModelProto, keep: dict[str, str]) -> None:
@@ -85,7 +125,7 @@ def gemms_as_matmuls(model: onnx.ModelProto, keep: dict[str, str]) -> None:
                 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
+        weight = _array(initializers[node.input[1]])
         weight = weight.T if attrs.get("transB", 0) else weight
         name = node.input[1] + "_in_out"
         model.graph.initializer.append(numpy_helper.from_array(weight.copy(), name))
