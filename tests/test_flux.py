@@ -128,9 +128,8 @@ def test_low_memory_renders_the_same_and_the_estimate_counts_the_transformer(flu
 
 
 def test_int8_transformer_renders_close_to_fp32(checkpoint, bundle, tmp_path):
-    """int8 QDQ for the transformer and the VAE decoder (the text encoders, T5 included, stay fp32), calibrated on
-    the fp32 bundle's own trajectories and gated against its graphs; still plain ONNX (QuantizeLinear /
-    DequantizeLinear)."""
+    """int8 QDQ for the transformer, T5 and the VAE decoder (CLIP stays fp32), calibrated on the fp32 bundle's own
+    trajectories and gated against its graphs; still plain ONNX (QuantizeLinear / DequantizeLinear)."""
     import onnx
 
     from edgediff.export.calibrate import Calibration
@@ -140,14 +139,14 @@ def test_int8_transformer_renders_close_to_fp32(checkpoint, bundle, tmp_path):
     calibration = Calibration(prompts=("a red cat", "a blue dog in the snow", "a green tree"), steps=2, size=32)
     m = export_bundle(checkpoint("flux_dev"), out, precision="int8", calibration=calibration)
     assert {n: c.precision for n, c in m.components.items()} == {
-        "text_encoder": "fp32", "text_encoder_2": "fp32", "transformer": "int8", "vae_decoder": "int8",
+        "text_encoder": "fp32", "text_encoder_2": "int8", "transformer": "int8", "vae_decoder": "int8",
         "vae_encoder": "fp32"}
-    assert m.components["transformer"].parity.psnr_db > 30
+    assert m.components["transformer"].parity.psnr_db > 30 and m.components["text_encoder_2"].parity.psnr_db > 30
     graph = onnx.load(str(out / "transformer" / "model.onnx"), load_external_data=False).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"} and "QuantizeLinear" in {n.op_type for n in graph.node}
     kw = dict(num_inference_steps=3, height=32, width=48, output_type="np", seed=2)
     int8, fp32 = (Pipeline.load(b)(PROMPT, **kw).images for b in (out, bundle("flux_dev")))
-    assert 10 * np.log10(1 / np.mean((int8 - fp32) ** 2)) > 25
+    assert 10 * np.log10(1 / np.mean((int8 - fp32) ** 2)) > 25  # measured 30.5 dB (T5's gate: 48.3 dB)
 
 
 def test_bench_counts_the_transformer_and_t5(bundle):

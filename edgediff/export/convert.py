@@ -67,13 +67,15 @@ def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=(), t5: 
                        ) -> dict[str, str]:
     """Which components a bundle precision converts, and to what; the rest (and `keep_fp32`) stay fp32.
 
-    int8 pays where the compute is (the U-Net's steps, the VAE decode); the text encoders run once per render and
-    the VAE encoder only for img2img, so they keep fp32's accuracy. int4 is for memory: the transformer and T5
-    (component `t5`) hold nearly all of SD3's and FLUX's weights, and their MatMuls are what it quantizes."""
+    int8 pays where the compute is (the U-Net's steps, the VAE decode); CLIP runs once per render and the VAE encoder
+    only for img2img, so they keep fp32's accuracy. T5 (component `t5`) runs once too, but at 4.7 B parameters it
+    holds a third of FLUX's weights and most of SD3's: int8 takes it for memory. int4 is for memory only: the
+    transformer and T5 hold nearly all of SD3's and FLUX's weights, and their MatMuls are what it quantizes."""
     if precision == "int4":
         targets = {name: "int4" for name in ("transformer", t5 or "") if name in components}
     elif precision == "int8":
-        targets = {"transformer" if "transformer" in components else "unet": "int8", "vae_decoder": "int8"}
+        targets = {"transformer" if "transformer" in components else "unet": "int8", "vae_decoder": "int8",
+                   **({t5: "int8"} if t5 in components else {})}
     elif precision == "fp16":
         targets = {name: "fp16" for name in components}
     else:
