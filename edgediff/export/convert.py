@@ -75,7 +75,7 @@ def conversion_targets(precision: str, components=COMPONENTS, keep_fp32=(), t5: 
         targets = {name: "int4" for name in ("transformer", t5 or "") if name in components}
     elif precision == "int8":
         targets = {"transformer" if "transformer" in components else "unet": "int8", "vae_decoder": "int8",
-                   **({t5: "int8"} if t5 in components else {})}
+                   **({t5: "int8"} if t5 is not None and t5 in components else {})}
     elif precision == "fp16":
         targets = {name: "fp16" for name in components}
     else:
