@@ -153,16 +153,22 @@ def export(out: Path) -> None:
         (out / "blocks.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def variant_copy(fp32: Path, precision: str) -> Path:
+    """A fresh copy of the fp32 graph's folder beside it, named for `precision`: the graph to convert in place."""
+    folder = fp32.parent.parent / precision
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(fp32.parent, folder)
+    return folder / fp32.name
+
+
 def convert(spec, fp32: Path, precision: str) -> dict:
     from edgediff.export.gate import run_graph
     from edgediff.export.onnx import default_ort_options
     from edgediff.export.quantize import quantize_int8
     from edgediff.export.weights4 import fused_matmuls, quantize_int4
 
-    folder = fp32.parent.parent / precision
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(fp32.parent, folder)
-    path = folder / "model.onnx"
+    path = variant_copy(fp32, precision)
+    folder = path.parent
     start = time.perf_counter()
     if precision == "int8":  # calibrated on other random inputs than those it is measured on
         _, options, _ = quantize_int8(path, [_feeds(spec, TEXT_TOKENS["dev"], 300 + i) for i in range(2)])

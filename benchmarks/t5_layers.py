@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from flux_blocks import variant_copy  # noqa: E402
 from make_flow_checkpoints import T5_XXL  # noqa: E402
 
 # T5_LAYERS_WIDTH=16 divides d_model, d_ff and the heads for a quick check of this script (not T5-XXL's sizes)
@@ -116,10 +116,8 @@ def convert(spec, fp32: Path, precision: str) -> dict:
     from edgediff.export.quantize import quantize_int8
     from edgediff.export.weights4 import quantize_int4
 
-    folder = fp32.parent.parent / precision
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(fp32.parent, folder)
-    path = folder / "model.onnx"
+    path = variant_copy(fp32, precision)
+    folder = path.parent
     start = time.perf_counter()
     if precision == "int8":  # calibrated on other token ids than those it is measured on
         quantize_int8(path, [_ids(spec, CALIBRATION, 300 + i) for i in range(3)])

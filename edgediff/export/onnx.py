@@ -98,7 +98,7 @@ def export_component(
     return written, default_ort_options(weights, convolutional)
 
 
-def _tensors(model: onnx.ModelProto):
+def graph_tensors(model: onnx.ModelProto):
     """The initializers, and node attribute tensors that an exporter already put in external files (the others
     stay in the graph, as onnx's own writer leaves them)."""
     yield from model.graph.initializer
@@ -137,7 +137,7 @@ def save_graph(model: onnx.ModelProto, path: Path, source: Path | None = None,
     for t in model.graph.initializer:
         if t.name in external and not t.HasField("raw_data") and _external(t) is None:
             t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))  # typed fields: raw
-    tensors = [t for t in _tensors(model) if t.HasField("raw_data") or _external(t) is not None]
+    tensors = [t for t in graph_tensors(model) if t.HasField("raw_data") or _external(t) is not None]
     weights = sum(_nbytes(t, source) for t in tensors)
     data = path.with_name(path.name + DATA_SUFFIX)
     data.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from ..bundle import Conversion, FileEntry, Parity, SessionOptions, TensorSpec
 from ..runtime import graph_cache
 from . import PRECISIONS, gate
 from .calibrate import Phase
+from .graph_edit import drop_unread
 from .lora_map import Follower
 from .onnx import default_ort_options, save_graph
 
@@ -97,13 +98,8 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
         for i, name in enumerate(n.input):
             if name in renamed:
                 n.input[i] = renamed[name]
-    while True:  # the round trips' casts back to fp32 first, then the fp16 casts that only they read
-        read = {name for n in graph.node for name in n.input} | outputs
-        unread = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
-        if not unread:
-            return len(renamed)
-        for n in unread:
-            graph.node.remove(n)
+    drop_unread(graph, "Cast")  # the round trips' casts back to fp32, then the fp16 casts that only they read
+    return len(renamed)
 
 
 def convert_fp16(

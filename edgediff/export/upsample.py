@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph_edit import drop_unread
+
 # A 3x3 tap at offset -1, 0 or +1 on the repeated image lands on the original pixel i - 1 or i (phase 0), or on i
 # or i + 1 (phase 1): which kernel rows (or columns) add up into each of the 2x2 taps, per phase.
 PHASE_TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
@@ -93,14 +95,8 @@ def fold_upsampling_convs(model: onnx.ModelProto, source: Path | None = None, ke
         _replace(graph, resize, conv, weight, numpy_helper.to_array(weight, str(source) if source else ""))
         done += 1
     if done:
-        _drop_unread_constants(graph)  # the Resizes' scales: ONNX Runtime would warn about each at every load
+        drop_unread(graph, "Constant")  # the Resizes' scales: ONNX Runtime would warn about each at every load
     return done
-
-
-def _drop_unread_constants(graph: onnx.GraphProto) -> None:
-    read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in read]:
-        graph.node.remove(n)
 
 
 def _replace(graph: onnx.GraphProto, resize: onnx.NodeProto, conv: onnx.NodeProto, weight: onnx.TensorProto,

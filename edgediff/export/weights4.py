@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from ..bundle import Conversion, SessionOptions
-from .onnx import DATA_SUFFIX, _tensors, default_ort_options, save_graph
+from .onnx import DATA_SUFFIX, default_ort_options, graph_tensors, save_graph
 from .quantize import REPORT_NAME, _quiet, float_layers, layer_report
 
 # Rows of the weight (the MatMul's K axis) sharing one scale: onnxruntime's default. On FLUX.1's full-width blocks
@@ -81,7 +81,7 @@ def quantize_int4(path: Path, block_size: int | None = None) -> tuple[list[Path]
 def _set_aside(model: onnx.ModelProto, path: Path) -> Path | None:
     """Move the graph's data file aside (save_graph writes the new one under its name) and point the external
     tensors at it by its absolute path, which the quantizer (onnx_ir) memory-maps tensor by tensor."""
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model)):
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph_tensors(model)):
         return None
     data = path.with_name(path.name + DATA_SUFFIX)
     aside = data.with_name(".fp32-" + data.name)
@@ -91,7 +91,7 @@ def _set_aside(model: onnx.ModelProto, path: Path) -> Path | None:
 
 
 def _point_at(model: onnx.ModelProto, location: str) -> None:
-    for t in _tensors(model):  # the initializers, and Constant nodes' tensors the exporter put in the file too
+    for t in graph_tensors(model):  # the initializers, and Constant nodes' tensors the exporter put in the file too
         for entry in t.external_data:
             if entry.key == "location":
                 entry.value = location
