@@ -200,8 +200,8 @@ def _copy_tensor_data(tensor: onnx.TensorProto, source: Path | None, out, consum
 def default_ort_options(weights: int, convolutional: bool = False) -> SessionOptions:
     """How ONNX Runtime should load a graph of `weights` bytes (docs/loading.md).
 
-    Pre-packing stays on: it makes the text encoder 1.4x faster, and a cached graph keeps the packed weights, so
-    only the first load pays for packing; memory="low" sessions turn it off (a second copy of the matrix weights).
+    Pre-packing stays on, in memory="low" too: it makes the text encoder 1.4x faster, and a cached graph keeps the
+    packed weights, so only the first load pays for packing.
     `convolutional`: float32 convolutions, which the "all" level re-lays out for this CPU (fp16 graphs pass False:
     the re-layout is float32-only)."""
     large = weights > LARGE_GRAPH_BYTES

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import onnx
@@ -77,7 +78,7 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in graph.output}
     fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
-    def cast_to(node: onnx.NodeProto | None, dtype: int) -> bool:
+    def cast_to(node: onnx.NodeProto | None, dtype: int) -> TypeGuard[onnx.NodeProto]:
         return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == dtype
                                                                    for a in node.attribute)
 
@@ -87,11 +88,11 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> int:
     renamed: dict[str, str] = {}
     for n in graph.node:
         down = producers.get(n.input[0]) if n.op_type == "Cast" and n.input else None
-        if cast_to(n, FLOAT) and cast_to(down, FLOAT16) and fp32(down.input[0]):  # type: ignore[union-attr]
+        if cast_to(n, FLOAT) and cast_to(down, FLOAT16) and fp32(down.input[0]):
             if n.output[0] in outputs:  # the graph's output keeps its name: its cast becomes fp32 -> fp32
-                n.input[0] = down.input[0]  # type: ignore[union-attr]
+                n.input[0] = down.input[0]
             else:
-                renamed[n.output[0]] = down.input[0]  # type: ignore[union-attr]
+                renamed[n.output[0]] = down.input[0]
     if not renamed:
         return 0
     for n in graph.node:
