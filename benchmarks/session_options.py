@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("component")
     p.add_argument("--level", choices=["disabled", "basic", "extended", "all"], default="all")
     p.add_argument("--prepack", choices=["on", "off"], default="on")
-    p.add_argument("--lean", action="store_true", help="memory='low' sessions' options (no pre-planned block)")
+    p.add_argument("--lean", action="store_true",
+                   help="memory='low' sessions' options (no pre-planned block, no reuse plan)")
     p.add_argument("--arena", choices=["on", "off"], default="on",
                    help="ONNX Runtime's CPU memory arena (memory='low' turned it off before session 7)")
     p.add_argument("--runs", type=int, default=2)
