@@ -95,6 +95,14 @@ def gpu(monkeypatch, tmp_path):
     return fake_tensorrt.install(monkeypatch)
 
 
+@pytest.fixture(scope="module")
+def serve_models():
+    """`edgediff serve`'s models (the built-in one), loaded once per test module of the server."""
+    from edgediff.serve.app import Settings, load_models
+
+    return load_models(Settings())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def builtin_bundle_untouched():
     """No test may write into the package's own built-in bundle (caches, engines): tests copy it first."""

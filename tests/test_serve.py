@@ -19,15 +19,8 @@ PROMPT = "a red circle left of a blue square"
 
 
 @pytest.fixture(scope="module")
-def models():
-    from edgediff.serve.app import Settings, load_models
-
-    return load_models(Settings())
-
-
-@pytest.fixture(scope="module")
-def server(models):
-    with running_server(models, max_batch=8) as base:
+def server(serve_models):
+    with running_server(serve_models, max_batch=8) as base:
         yield base
 
 
@@ -53,12 +46,12 @@ def test_generations_equal_edgediff_render(server, tmp_path):
     assert np.abs(got[0] - got[1]).max() > 10  # two images of one seed differ: one stream, not the seed twice
 
 
-def test_batched_requests_keep_their_own_noise(models):
+def test_batched_requests_keep_their_own_noise(serve_models):
     """Requests queued behind a slow one are rendered as one batch; each equals its own render (LCM draws fresh
     noise every step, so this needs one noise stream per request, not just per-request initial latents)."""
-    pipe = models["edgediff-builtin"].pipeline
+    pipe = serve_models["edgediff-builtin"].pipeline
     seeds = [1, 2, 3, 4]
-    with running_server(models, max_batch=8) as base:
+    with running_server(serve_models, max_batch=8) as base:
         c = client(base)
         busy = {"sampler": "euler", "steps": 150}  # holds the worker ~1 s while the others queue
         slow = threading.Thread(target=lambda: c.images.generate(prompt=PROMPT, extra_body=busy))
@@ -82,14 +75,14 @@ def test_batched_requests_keep_their_own_noise(models):
         assert np.abs(pixels(results[s]) - np.asarray(alone, np.int16)).max() <= 1
 
 
-def test_edits_image_to_image(server, models):
+def test_edits_image_to_image(server, serve_models):
     init = Image.new("RGB", (32, 32), (200, 40, 40))
     buf = io.BytesIO()
     init.save(buf, format="PNG")
     c = client(server)
     r = c.images.edit(image=("init.png", buf.getvalue(), "image/png"), prompt=PROMPT,
                       extra_body={"strength": 0.6, "seed": 5})
-    expected = models["edgediff-builtin"].pipeline(PROMPT, image=init, strength=0.6, seed=5).images[0]
+    expected = serve_models["edgediff-builtin"].pipeline(PROMPT, image=init, strength=0.6, seed=5).images[0]
     assert np.abs(pixels(r.data[0].b64_json) - np.asarray(expected, np.int16)).max() <= 1
     events = list(c.images.edit(image=("init.png", buf.getvalue(), "image/png"), prompt=PROMPT, stream=True,
                                 partial_images=1, extra_body={"strength": 0.6, "seed": 5}))

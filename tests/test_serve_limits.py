@@ -21,13 +21,6 @@ from serve_helpers import SLOW, client, free_port, get, metric, running_server  
 PROMPT = "a green triangle"
 
 
-@pytest.fixture(scope="module")
-def models():
-    from edgediff.serve.app import Settings, load_models
-
-    return load_models(Settings())
-
-
 def _wait_for(condition, seconds=20.0):
     deadline = time.monotonic() + seconds
     while not condition():
@@ -42,8 +35,8 @@ def _slow_request(c):
         pass
 
 
-def test_full_queue_gets_429_with_retry_after(models):
-    with running_server(models, max_queue=1, workers=1, limits=_limits(timeout=3)) as base:
+def test_full_queue_gets_429_with_retry_after(serve_models):
+    with running_server(serve_models, max_queue=1, workers=1, limits=_limits(timeout=3)) as base:
         c = client(base)
         threads = [threading.Thread(target=_slow_request, args=(c,)) for _ in range(2)]
         threads[0].start()
@@ -59,8 +52,8 @@ def test_full_queue_gets_429_with_retry_after(models):
             t.join(30)
 
 
-def test_timeout_stops_the_render(models):
-    with running_server(models, limits=_limits(timeout=0.5)) as base:
+def test_timeout_stops_the_render(serve_models):
+    with running_server(serve_models, limits=_limits(timeout=0.5)) as base:
         c = client(base)
         start = time.monotonic()
         with pytest.raises(openai.APIStatusError) as e:
@@ -71,8 +64,8 @@ def test_timeout_stops_the_render(models):
         assert c.images.generate(prompt=PROMPT).data  # the worker is free again
 
 
-def test_client_going_away_cancels_the_render(models):
-    with running_server(models) as base:
+def test_client_going_away_cancels_the_render(serve_models):
+    with running_server(serve_models) as base:
         start = time.monotonic()
         with pytest.raises(openai.APITimeoutError):
             client(base, timeout=0.4).images.generate(prompt=PROMPT, extra_body=SLOW)
@@ -82,8 +75,8 @@ def test_client_going_away_cancels_the_render(models):
         assert metric(base, "edgediff_images_served_total", model="edgediff-builtin") == 0
 
 
-def test_api_key(models, monkeypatch):
-    with running_server(models, api_key="s3cret") as base:
+def test_api_key(serve_models, monkeypatch):
+    with running_server(serve_models, api_key="s3cret") as base:
         with pytest.raises(openai.AuthenticationError) as e:
             client(base, key="wrong").images.generate(prompt=PROMPT)
         assert e.value.body["code"] == "invalid_api_key"
@@ -168,10 +161,10 @@ class _Broken:
         raise RuntimeError("secret internal detail")
 
 
-def test_a_bug_answers_500_without_its_traceback(models):
+def test_a_bug_answers_500_without_its_traceback(serve_models):
     from edgediff.serve.queue import Served
 
-    real = models["edgediff-builtin"]
+    real = serve_models["edgediff-builtin"]
     broken = {real.name: Served(real.name, _Broken(real.pipeline), real.preview)}
     with running_server(broken) as base:
         c = client(base)
