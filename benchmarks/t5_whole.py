@@ -50,34 +50,26 @@ PRECISIONS = ("fp32", "int8", "int4")
 RESULTS = Path(__file__).resolve().parent / "results" / "t5-xxl-whole.json"
 
 
-class _Piece:
-    """layers [start, start + n) of the encoder: token ids (piece 0) or the previous piece's hidden states and the
-    shared position bias in; hidden states out, through the final norm in the last piece; piece 0 also gives out
-    the position bias. T5Stack's own loop, without an attention mask (the export feeds token ids alone)."""
+def _piece(model, first: bool, last: bool):
+    """The encoder's layers in `model` as one piece of the chain: token ids (piece 0) or the previous piece's hidden
+    states and the shared position bias in; hidden states out, through the final norm in the last piece; piece 0
+    also gives out the position bias. T5Stack's own loop, without an attention mask (the export feeds ids alone)."""
+    import torch
 
-    @staticmethod
-    def module(model, first: bool, last: bool):
-        import torch
+    class Piece(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = model.encoder
 
-        stack = model.encoder
+        def forward(self, *inputs):
+            hidden, bias = (self.stack.embed_tokens(inputs[0]), None) if first else inputs
+            for block in self.stack.block:
+                hidden, bias, _ = block(hidden, None, bias, None, None, None)
+            if last:
+                return (self.stack.final_layer_norm(hidden),)
+            return (hidden, bias) if first else (hidden,)
 
-        class Piece(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.stack = stack
-
-            def forward(self, *inputs):
-                if first:
-                    hidden, bias = self.stack.embed_tokens(inputs[0]), None
-                else:
-                    hidden, bias = inputs
-                for block in self.stack.block:
-                    hidden, bias, _ = block(hidden, None, bias, None, None, None)
-                if last:
-                    return (self.stack.final_layer_norm(hidden),)
-                return (hidden, bias) if first else (hidden,)
-
-        return Piece().eval()
+    return Piece().eval()
 
 
 def _spec(first: bool, last: bool, trace: dict):
@@ -135,7 +127,7 @@ def export_piece(out: Path, piece: int, pieces: int, layers: int, sequences: lis
     first, last = piece == 0, piece == pieces - 1
     torch.manual_seed(piece)
     model = T5EncoderModel(_config(layers // pieces)).eval()
-    module = _Piece.module(model, first, last)
+    module = _piece(model, first, last)
     trace = {n: torch.from_numpy(v) for n, v in _feeds(out, piece, CALIBRATION[0][0], "torch").items()}
     spec = _spec(first, last, trace)
     references = []
