@@ -4,6 +4,7 @@ with exit code 2)."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,13 +28,21 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 @contextmanager
 def one_line_errors(*extra: type[Exception]):
-    """Turn the library's user-facing errors into `error: …` and exit code 2; anything else is a bug and keeps
-    its traceback."""
+    """Turn the library's user-facing errors into `error: …` and exit code 2, and a full disk into one line and
+    exit code 1 (what was being written is removed by the atomic writes); anything else is a bug and keeps its
+    traceback."""
     try:
         yield
     except (*user_errors(), *extra) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(USAGE_ERROR)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        click.echo(f"error: no space left on the device{where}; free some space or write to another disk",
+                   err=True)
+        sys.exit(1)
 
 
 class Named(click.Choice):

@@ -65,6 +65,21 @@ def test_failed_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    from edgediff.export import onnx
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_graph", full)
+    r = run("export", checkpoint("sd1"), tmp_path / "out")
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip() == "error: no space left on the device; free some space or write to another disk"
+    assert list(tmp_path.iterdir()) == []
+
+
 def _assert_bad(args, message, tmp_path):
     png = tmp_path / "never.png"
     r = run(*args, "-o", png) if args[0] == "render" else run(*args)
