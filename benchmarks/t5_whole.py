@@ -150,7 +150,10 @@ def export_piece(out: Path, piece: int, pieces: int, layers: int, sequences: lis
     for precision in PRECISIONS[1:]:
         copy = variant_copy(path, precision)
         start = time.perf_counter()
-        quantize_int8(copy, calibration) if precision == "int8" else quantize_int4(copy)
+        if precision == "int8":
+            quantize_int8(copy, calibration)
+        else:
+            quantize_int4(copy)
         record[precision] = {"convert_s": time.perf_counter() - start, "bytes": _size(copy.parent)}
     record["peak_rss"] = _peak_rss()
     print(json.dumps(record), flush=True)
