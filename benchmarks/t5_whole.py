@@ -20,8 +20,7 @@ Figures and what they showed: benchmarks/RESULTS.md (session 8: export 10 min 50
     python benchmarks/t5_whole.py stitch scratch/t5-whole
     flock /tmp/edgediff-heavy.lock python benchmarks/t5_whole.py time scratch/t5-whole --runs 3 --sequence 256,512
 
-A quick check of the script at T5_LAYERS_WIDTH=16 (t5_layers.py; not T5-XXL's sizes): `export ... --pieces 2
---layers 4` then `stitch` and `time`.
+tests/test_t5_pieces.py runs all three at T5_LAYERS_WIDTH=16 (t5_layers.py; not T5-XXL's sizes), 2 pieces.
 """
 
 from __future__ import annotations
@@ -182,12 +181,12 @@ def stitch(out: Path, precision: str, pieces: int) -> Path:
     import onnx
     from onnx.compose import add_prefix
 
-    from edgediff.export.onnx import save_graph
+    from edgediff.export.onnx import graph_tensors, save_graph
 
     graphs = []
     for piece in range(pieces):
         model = onnx.load(str(out / f"piece{piece}" / precision / "model.onnx"), load_external_data=False)
-        for tensor in model.graph.initializer:  # the data file's place relative to `out`, the source below
+        for tensor in graph_tensors(model):  # the data file's place relative to `out`, the source below
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = f"piece{piece}/{precision}/{entry.value}"
@@ -292,7 +291,7 @@ def _run(out: Path, precision: str, pieces: int, sequences: list[int], runs: int
 
 
 def time_all(out: Path, runs: int, sequences: list[int]) -> dict:
-    """Every chain, fp32 first (the reference), then each stitched graph in normal and low memory."""
+    """Every chain, fp32 first (the reference), then each stitched graph as `_open` opens it, every way."""
     from edgediff.export.gate import psnr_db
 
     record = json.loads((out / "export.json").read_text())

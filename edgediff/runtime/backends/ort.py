@@ -181,7 +181,7 @@ def session_options(ort: Any, chosen: SessionOptions, threads: int | None, lean:
         # in and zeroed, and the int8 convolutions repack at every call), and the arena is the session's own, freed
         # when memory="low" closes the session after its stage. The reuse plan goes too: it hands a freed buffer
         # to a later tensor of the same size, which stretches the buffer's life, and over a deep graph the
-        # stretched buffers pile up (T5-XXL int8 at 512 tokens: 1.8 GB above its weights, 0.3 GB without the
+        # stretched buffers pile up (T5-XXL int8 at 512 tokens: 1.9 GB above its weights, 0.3 GB without the
         # plan; the arena still recycles what is freed). A few percent slower; docs/loading.md.
         options.enable_mem_pattern = False
         options.enable_mem_reuse = False
